@@ -1,0 +1,233 @@
+// Schemas of the ptl_fused ops and their device-generic bodies (see bconv_cell.h).
+// Autograd and fake kernels are registered from Python (ptl_fused/_cpp_ops.py).
+#include "bconv_cell.h"
+
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+namespace ptl_fused {
+
+namespace {
+
+at::ScalarType state_type(at::ScalarType compute) {
+  return compute == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Raw op callers get short checks; ptl_fused.ops validates with full messages first.
+void check_cell_inputs(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                       const Tensor& c_prev, int64_t in_factor, int64_t stride,
+                       int64_t padding) {
+  TORCH_CHECK(x.dim() == 4, "ptl_fused: x must be 4-D (B, Cin, H, W), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) % 4 == 0 && weight.size(2) == weight.size(3),
+              "ptl_fused: weight must be (4*Cout, Cin, k, k), got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == in_factor * x.size(1), "ptl_fused: weight has ",
+              weight.size(1), " input channels, expected ", in_factor * x.size(1));
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() == weight.scalar_type(),
+              "ptl_fused: x and weight must share a floating dtype, got ", x.scalar_type(),
+              " and ", weight.scalar_type());
+  TORCH_CHECK(!bias.has_value() || bias->sizes() == at::IntArrayRef{weight.size(0)},
+              "ptl_fused: bias must be (4*Cout,)");
+  TORCH_CHECK(stride >= 1 && padding >= 0, "ptl_fused: need stride >= 1 and padding >= 0");
+  TORCH_CHECK(c_prev.scalar_type() == state_type(x.scalar_type()), "ptl_fused: c_prev must be ",
+              state_type(x.scalar_type()), ", got ", c_prev.scalar_type());
+  TORCH_CHECK(c_prev.device() == x.device(), "ptl_fused: c_prev is on ", c_prev.device(),
+              ", x on ", x.device());
+}
+
+// Allocates the outputs in layout `fmt` and runs the forward epilogue, which overwrites
+// the pre-activations `z` (already in `fmt`) with the activated gates.
+std::tuple<Tensor, Tensor, Tensor> run_fwd_epilogue(FwdEpilogue epilogue, const Tensor& z,
+                                                    const Tensor& c_prev, const Tensor& h_prev,
+                                                    const Tensor& h_alpha,
+                                                    c10::MemoryFormat fmt) {
+  const auto c = z.size(1) / 4;
+  const std::vector<int64_t> shape = {z.size(0), c, z.size(2), z.size(3)};
+  TORCH_CHECK(c_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: c_prev must be ",
+              at::IntArrayRef(shape), ", got ", c_prev.sizes());
+  FwdEpilogueArgs a;
+  a.channels_last = fmt == c10::MemoryFormat::ChannelsLast;
+  a.z = z;
+  a.c_prev = c_prev.contiguous(fmt);
+  a.y = at::empty(shape, z.options().memory_format(fmt));
+  a.c_new = at::empty(shape, c_prev.options().memory_format(fmt));
+  if (h_prev.defined()) {
+    TORCH_CHECK(h_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: h_prev must be ",
+                at::IntArrayRef(shape), ", got ", h_prev.sizes());
+    TORCH_CHECK(h_prev.scalar_type() == c_prev.scalar_type(),
+                "ptl_fused: h_prev must have c_prev's dtype");
+    a.h_prev = h_prev.contiguous(fmt);
+    a.h_alpha = h_alpha;
+    a.h_new = at::empty(shape, h_prev.options().memory_format(fmt));
+  }
+  if (z.numel() > 0) epilogue(a);
+  return {a.y, a.c_new, a.h_new};
+}
+
+Tensor alpha_on(const Tensor& h_alpha, const Tensor& like) {
+  TORCH_CHECK(h_alpha.numel() == 1, "ptl_fused: h_alpha must have one element, got ",
+              h_alpha.sizes());
+  return h_alpha.to(like.device(), like.scalar_type()).reshape({1});
+}
+
+// Output padding of v2's recovery so that it gives back x's spatial size.
+std::vector<int64_t> recovery_output_padding(const Tensor& x, int64_t k, int64_t stride,
+                                             int64_t padding) {
+  return {(x.size(2) + 2 * padding - k) % stride, (x.size(3) + 2 * padding - k) % stride};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, const Tensor& x,
+                                                  const Tensor& weight, const OptTensor& bias,
+                                                  const Tensor& c_prev, int64_t stride,
+                                                  int64_t padding) {
+  check_cell_inputs(x, weight, bias, c_prev, 1, stride, padding);
+  const auto fmt = x.suggest_memory_format();
+  Tensor z = at::convolution(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1},
+                             false, {0, 0}, 1)
+                 .contiguous(fmt);
+  auto [y, c_new, unused] = run_fwd_epilogue(epilogue, z, c_prev, {}, {}, fmt);
+  return {y, c_new, z};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
+    FwdEpilogue epilogue, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+    const Tensor& weight_rec, const OptTensor& bias_rec, const Tensor& c_prev,
+    const Tensor& h_prev, const Tensor& h_alpha, int64_t stride, int64_t padding) {
+  check_cell_inputs(x, weight, bias, c_prev, 2, stride, padding);
+  const auto k = weight.size(3);
+  TORCH_CHECK(weight_rec.dim() == 4 && weight_rec.size(0) == weight.size(0) / 4 &&
+                  weight_rec.size(1) == x.size(1) && weight_rec.size(2) == k &&
+                  weight_rec.size(3) == k,
+              "ptl_fused: weight_rec must be (Cout, Cin, k, k), got ", weight_rec.sizes());
+  const auto fmt = x.suggest_memory_format();
+  Tensor x_rec = at::convolution(h_prev.to(x.scalar_type()), weight_rec, bias_rec,
+                                 {stride, stride}, {padding, padding}, {1, 1}, true,
+                                 recovery_output_padding(x, k, stride, padding), 1)
+                     .contiguous(fmt);
+  Tensor z = at::convolution(at::cat({x, x_rec}, 1), weight, bias, {stride, stride},
+                             {padding, padding}, {1, 1}, false, {0, 0}, 1)
+                 .contiguous(fmt);
+  auto [y, c_new, h_new] =
+      run_fwd_epilogue(epilogue, z, c_prev, h_prev, alpha_on(h_alpha, c_prev), fmt);
+  return {y, c_new, h_new, z, x_rec};
+}
+
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor> run_bwd_epilogue(BwdEpilogue epilogue, const OptTensor& grad_y,
+                                                    const OptTensor& grad_c_new,
+                                                    const OptTensor& grad_h_new,
+                                                    const Tensor& c_prev, const Tensor& gates,
+                                                    const Tensor& h_alpha) {
+  const auto fmt = gates.suggest_memory_format();
+  // A zero-sized or ambiguous layout falls back to NCHW for every tensor alike.
+  const bool cl = fmt == c10::MemoryFormat::ChannelsLast;
+  const auto state_opts = c_prev.options();
+  auto in = [&](const OptTensor& t, at::ScalarType dtype) {
+    return t.has_value() && t->defined() ? t->to(dtype).contiguous(fmt) : Tensor();
+  };
+  BwdEpilogueArgs a;
+  a.channels_last = cl;
+  a.gates = gates.contiguous(fmt);
+  a.c_prev = c_prev.contiguous(fmt);
+  a.grad_y = in(grad_y, gates.scalar_type());
+  a.grad_c_new = in(grad_c_new, c_prev.scalar_type());
+  a.grad_z = at::empty_like(a.gates, gates.options().memory_format(fmt));
+  a.grad_c_prev = at::empty(c_prev.sizes(), state_opts.memory_format(fmt));
+  if (h_alpha.defined()) {
+    a.grad_h_new = in(grad_h_new, c_prev.scalar_type());
+    a.h_alpha = alpha_on(h_alpha, c_prev);
+    a.grad_h_prev = at::empty(c_prev.sizes(), state_opts.memory_format(fmt));
+  }
+  if (gates.numel() > 0) epilogue(a);
+  return {a.grad_z, a.grad_c_prev, a.grad_h_prev};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> bconv_cell_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
+                                          const OptTensor& grad_c_new, const Tensor& c_prev,
+                                          const Tensor& gates) {
+  auto [gz, gc, unused] = run_bwd_epilogue(epilogue, grad_y, grad_c_new, {}, c_prev, gates, {});
+  return {gz, gc};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bconv_cell_v2_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
+                                                     const OptTensor& grad_c_new,
+                                                     const OptTensor& grad_h_new,
+                                                     const Tensor& c_prev, const Tensor& gates,
+                                                     const Tensor& h_alpha) {
+  return run_bwd_epilogue(epilogue, grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha);
+}
+
+// Autocast: the gate and recovery convolutions run in the autocast dtype; the states stay
+// in float32 (DESIGN.md §1), so only x, the weights and the biases are cast.
+namespace {
+
+template <c10::DeviceType D>
+struct Autocast {
+  static constexpr auto key = D == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA
+                                                         : c10::DispatchKey::AutocastCPU;
+  static Tensor cast(const Tensor& t) {
+    return at::autocast::cached_cast(at::autocast::get_autocast_dtype(D), t, D);
+  }
+  static OptTensor cast(const OptTensor& t) {
+    return t.has_value() ? OptTensor(cast(*t)) : t;
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& x, const Tensor& w,
+                                                const OptTensor& b, const Tensor& c_prev,
+                                                int64_t stride, int64_t padding) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ptl_fused::bconv_cell_fwd", "")
+                         .typed<decltype(fwd)>();
+    return op.call(cast(x), cast(w), cast(b), c_prev, stride, padding);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> v2_fwd(
+      const Tensor& x, const Tensor& w, const OptTensor& b, const Tensor& w_rec,
+      const OptTensor& b_rec, const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
+      int64_t stride, int64_t padding) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ptl_fused::bconv_cell_v2_fwd", "")
+                         .typed<decltype(v2_fwd)>();
+    return op.call(cast(x), cast(w), cast(b), cast(w_rec), cast(b_rec), c_prev, h_prev, h_alpha,
+                   stride, padding);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY(ptl_fused, m) {
+  m.def(
+      "bconv_cell_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor c_prev, int stride, "
+      "int padding) -> (Tensor y, Tensor c_new, Tensor gates)");
+  m.def(
+      "bconv_cell_bwd(Tensor? grad_y, Tensor? grad_c_new, Tensor c_prev, Tensor gates) -> "
+      "(Tensor grad_z, Tensor grad_c_prev)");
+  m.def(
+      "bconv_cell_v2_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor weight_rec, "
+      "Tensor? bias_rec, Tensor c_prev, Tensor h_prev, Tensor h_alpha, int stride, "
+      "int padding) -> (Tensor y, Tensor c_new, Tensor h_new, Tensor gates, Tensor x_rec)");
+  m.def(
+      "bconv_cell_v2_bwd(Tensor? grad_y, Tensor? grad_c_new, Tensor? grad_h_new, "
+      "Tensor c_prev, Tensor gates, Tensor h_alpha) -> "
+      "(Tensor grad_z, Tensor grad_c_prev, Tensor grad_h_prev)");
+}
+
+TORCH_LIBRARY_IMPL(ptl_fused, AutocastCPU, m) {
+  using A = Autocast<c10::DeviceType::CPU>;
+  m.impl("bconv_cell_fwd", TORCH_FN(A::fwd));
+  m.impl("bconv_cell_v2_fwd", TORCH_FN(A::v2_fwd));
+}
+
+TORCH_LIBRARY_IMPL(ptl_fused, AutocastCUDA, m) {
+  using A = Autocast<c10::DeviceType::CUDA>;
+  m.impl("bconv_cell_fwd", TORCH_FN(A::fwd));
+  m.impl("bconv_cell_v2_fwd", TORCH_FN(A::v2_fwd));
+}
+
+}  // namespace ptl_fused

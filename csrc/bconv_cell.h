@@ -1,0 +1,98 @@
+// The BConv-Cell ops (schemas in ptl_fused.cpp): device-generic bodies around per-device
+// fused epilogues. A backend (csrc/cpu, csrc/cuda) supplies the two epilogues and registers
+// the bodies for its dispatch key with register_bconv_kernels<>.
+//
+//   forward : Z = conv(x [, X~]) through ATen; ONE epilogue pass -> y, C_b (, H_b); Z is
+//             overwritten with the activated gates, the only (B, 4C, Ho, Wo) tensor saved.
+//   backward: ONE epilogue pass -> dZ, dC_{b-1} (, dH_{b-1} aggregation part); the
+//             convolution backward is ATen's, called from Python (ptl_fused/_cpp_ops.py).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace ptl_fused {
+
+using at::Tensor;
+
+// Every tensor below is (B, C or 4C, Ho, Wo) in one layout: NCHW, or NHWC when channels_last.
+// The v2 fields (h_*) are undefined for v1. h_alpha is a 1-element tensor of the state dtype
+// on the tensors' device, so a kernel reads it without a host sync.
+struct FwdEpilogueArgs {
+  Tensor z;  // in: pre-activations; out: activated gates (compute dtype)
+  Tensor c_prev, h_prev, h_alpha;
+  Tensor y, c_new, h_new;  // outputs
+  bool channels_last;
+};
+
+struct BwdEpilogueArgs {
+  Tensor grad_y, grad_c_new, grad_h_new;  // any may be undefined (= zero gradient)
+  Tensor c_prev, gates, h_alpha;
+  Tensor grad_z, grad_c_prev, grad_h_prev;  // outputs
+  bool channels_last;
+};
+
+using FwdEpilogue = void (*)(const FwdEpilogueArgs&);
+using BwdEpilogue = void (*)(const BwdEpilogueArgs&);
+
+using OptTensor = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, const Tensor& x,
+                                                  const Tensor& weight, const OptTensor& bias,
+                                                  const Tensor& c_prev, int64_t stride,
+                                                  int64_t padding);
+
+std::tuple<Tensor, Tensor> bconv_cell_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
+                                          const OptTensor& grad_c_new, const Tensor& c_prev,
+                                          const Tensor& gates);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
+    FwdEpilogue epilogue, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+    const Tensor& weight_rec, const OptTensor& bias_rec, const Tensor& c_prev,
+    const Tensor& h_prev, const Tensor& h_alpha, int64_t stride, int64_t padding);
+
+std::tuple<Tensor, Tensor, Tensor> bconv_cell_v2_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
+                                                     const OptTensor& grad_c_new,
+                                                     const OptTensor& grad_h_new,
+                                                     const Tensor& c_prev, const Tensor& gates,
+                                                     const Tensor& h_alpha);
+
+// Binds a backend's epilogues into the op bodies above, for TORCH_LIBRARY_IMPL.
+template <FwdEpilogue FE, BwdEpilogue BE>
+struct Kernels {
+  static std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& x, const Tensor& w,
+                                                const OptTensor& b, const Tensor& c_prev,
+                                                int64_t stride, int64_t padding) {
+    return bconv_cell_fwd(FE, x, w, b, c_prev, stride, padding);
+  }
+  static std::tuple<Tensor, Tensor> bwd(const OptTensor& gy, const OptTensor& gc,
+                                        const Tensor& c_prev, const Tensor& gates) {
+    return bconv_cell_bwd(BE, gy, gc, c_prev, gates);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> v2_fwd(
+      const Tensor& x, const Tensor& w, const OptTensor& b, const Tensor& w_rec,
+      const OptTensor& b_rec, const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
+      int64_t stride, int64_t padding) {
+    return bconv_cell_v2_fwd(FE, x, w, b, w_rec, b_rec, c_prev, h_prev, h_alpha, stride,
+                             padding);
+  }
+  static std::tuple<Tensor, Tensor, Tensor> v2_bwd(const OptTensor& gy, const OptTensor& gc,
+                                                   const OptTensor& gh, const Tensor& c_prev,
+                                                   const Tensor& gates, const Tensor& h_alpha) {
+    return bconv_cell_v2_bwd(BE, gy, gc, gh, c_prev, gates, h_alpha);
+  }
+};
+
+template <FwdEpilogue FE, BwdEpilogue BE>
+void register_bconv_kernels(torch::Library& m) {
+  using K = Kernels<FE, BE>;
+  m.impl("bconv_cell_fwd", TORCH_FN(K::fwd));
+  m.impl("bconv_cell_bwd", TORCH_FN(K::bwd));
+  m.impl("bconv_cell_v2_fwd", TORCH_FN(K::v2_fwd));
+  m.impl("bconv_cell_v2_bwd", TORCH_FN(K::v2_bwd));
+}
+
+}  // namespace ptl_fused

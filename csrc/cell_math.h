@@ -1,0 +1,57 @@
+// The BConv-Cell's pointwise math, shared by the CPU and CUDA epilogues (one place for it).
+// Reference: python_ref/bconv_cell.py (_gates_and_state) and its autograd.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace ptl_fused {
+
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+// Forward at one (b, c, h, w): pre-activations in, activated gates, new state and output out.
+template <typename T>
+struct CellPoint {
+  T i, f, o, g;  // activated gates
+  T c;           // C_b = f * C_{b-1} + i * g
+  T y;           // o * tanh(C_b)
+};
+
+template <typename T>
+C10_HOST_DEVICE inline CellPoint<T> cell_forward(T zi, T zf, T zo, T zg, T c_prev) {
+  CellPoint<T> p;
+  p.i = sigmoid(zi);
+  p.f = sigmoid(zf);
+  p.o = sigmoid(zo);
+  p.g = std::tanh(zg);
+  p.c = p.f * c_prev + p.i * p.g;
+  p.y = p.o * std::tanh(p.c);
+  return p;
+}
+
+// Backward at one point from the saved (activated) gates: dy is the total gradient reaching
+// y (v2 adds alpha * dH_b), dc_new the gradient of C_b. C_b is recomputed, not saved.
+template <typename T>
+struct CellGrad {
+  T dzi, dzf, dzo, dzg;  // gradients of the four pre-activations
+  T dc_prev;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline CellGrad<T> cell_backward(T i, T f, T o, T g, T c_prev, T dy, T dc_new) {
+  const T t = std::tanh(f * c_prev + i * g);
+  const T dc = dc_new + dy * o * (T(1) - t * t);
+  CellGrad<T> d;
+  d.dzi = dc * g * i * (T(1) - i);
+  d.dzf = dc * c_prev * f * (T(1) - f);
+  d.dzo = dy * t * o * (T(1) - o);
+  d.dzg = dc * i * (T(1) - g * g);
+  d.dc_prev = dc * f;
+  return d;
+}
+
+}  // namespace ptl_fused

@@ -1,0 +1,119 @@
+"""Input checks shared by every backend: a clear error naming the argument, before any work."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from python_ref import state_dtype
+
+
+def _tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _same_device(name: str, t: Tensor, x: Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _int(name: str, v: object, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return v
+
+
+def check_cell_inputs(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    c_prev: Tensor,
+    stride: int,
+    padding: int,
+    *,
+    v2: bool = False,
+) -> tuple[int, int, int]:
+    """Checks x, weight, bias, c_prev, stride, padding; returns (Cout, Ho, Wo)."""
+    x, weight, c_prev = _tensor("x", x), _tensor("weight", weight), _tensor("c_prev", c_prev)
+    _int("stride", stride, 1)
+    _int("padding", padding, 0)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, Cin, H, W), got shape {_shape(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    b, cin, h, w = x.shape
+    in_ch = 2 * cin if v2 else cin
+    expected_w = f"(4*Cout, {in_ch}, k, k)"
+    if weight.dim() != 4 or weight.shape[0] % 4 or weight.shape[0] == 0 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be {expected_w} with square k, got shape {_shape(weight)}")
+    if weight.shape[1] != in_ch:
+        what = "2*Cin for v2's [x, X~]" if v2 else "Cin"
+        raise ValueError(
+            f"weight has {weight.shape[1]} input channels but x has Cin={cin} "
+            f"(expected {what}: weight {expected_w}), got weight shape {_shape(weight)}"
+        )
+    _same_device("weight", weight, x)
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"weight is {weight.dtype} but x is {x.dtype}; use one dtype (or autocast)")
+    cout, k = weight.shape[0] // 4, weight.shape[2]
+    if bias is not None:
+        _tensor("bias", bias)
+        if _shape(bias) != (4 * cout,):
+            raise ValueError(f"bias must have shape ({4 * cout},) = (4*Cout,), got {_shape(bias)}")
+        _same_device("bias", bias, x)
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"x's spatial size {h}x{w} is too small for kernel_size={k} with padding={padding}"
+        )
+    check_state("c_prev", c_prev, x, (b, cout, ho, wo))
+    return cout, ho, wo
+
+
+def check_state(name: str, s: Tensor, x: Tensor, shape: tuple[int, ...]) -> None:
+    """A state tensor must be (B, Cout, Ho, Wo) in the state dtype, on x's device."""
+    _tensor(name, s)
+    if _shape(s) != shape:
+        raise ValueError(f"{name} must have shape (B, Cout, Ho, Wo) = {shape}, got {_shape(s)}")
+    _same_device(name, s, x)
+    want = state_dtype(x.dtype)
+    if s.dtype != want:
+        raise TypeError(
+            f"{name} must be {want} (the state is kept in float32, float64 for float64 cells), got {s.dtype}"
+        )
+
+
+def check_v2_inputs(
+    x: Tensor,
+    weight: Tensor,
+    weight_rec: Tensor,
+    bias_rec: Tensor | None,
+    h_prev: Tensor,
+    h_alpha: float | Tensor,
+    c_shape: tuple[int, ...],
+) -> None:
+    """Checks v2's recovery weight/bias, h_prev and h_alpha (after check_cell_inputs)."""
+    _tensor("weight_rec", weight_rec)
+    cin, cout, k = x.shape[1], c_shape[1], weight.shape[2]
+    if _shape(weight_rec) != (cout, cin, k, k):
+        raise ValueError(
+            f"weight_rec must have shape (Cout, Cin, k, k) = {(cout, cin, k, k)}, got {_shape(weight_rec)}"
+        )
+    _same_device("weight_rec", weight_rec, x)
+    if bias_rec is not None:
+        _tensor("bias_rec", bias_rec)
+        if _shape(bias_rec) != (cin,):
+            raise ValueError(f"bias_rec must have shape ({cin},) = (Cin,), got {_shape(bias_rec)}")
+        _same_device("bias_rec", bias_rec, x)
+    check_state("h_prev", h_prev, x, c_shape)
+    if isinstance(h_alpha, Tensor):
+        if h_alpha.numel() != 1 or not h_alpha.is_floating_point():
+            raise ValueError(f"h_alpha must be a float or a 1-element float tensor, got {h_alpha!r}")
+    elif isinstance(h_alpha, bool) or not isinstance(h_alpha, (int, float)):
+        raise TypeError(f"h_alpha must be a float or a 0-dim tensor, got {type(h_alpha).__name__}")

@@ -1,0 +1,101 @@
+"""The backend registry: one op contract (ptl_fused.ops), several implementations.
+
+A backend supplies the two functional cells for tensors on some device types. ``"auto"``
+takes the first available backend in AUTO_ORDER that runs on the input's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import python_ref
+
+from . import _extension
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: tuple[str, ...]  # devices it runs on
+    bconv_cell: Callable
+    bconv_cell_v2: Callable
+    unavailable: Callable[[], str | None]  # why it cannot run here, or None
+
+
+def _always() -> None:
+    return None
+
+
+def _cpu_unavailable() -> str | None:
+    return _extension.LOAD_ERROR
+
+
+def _cuda_unavailable() -> str | None:
+    if _extension.LOAD_ERROR:
+        return _extension.LOAD_ERROR
+    if not _extension.WITH_CUDA:
+        return "ptl_fused._C was built without CUDA kernels (see PTL_FUSED_WITH_CUDA in setup.py)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _no_extension(*args):
+    raise RuntimeError(f"ptl_fused: {_extension.LOAD_ERROR}")
+
+
+if _extension.C is not None:
+    from . import _cpp_ops
+
+    _cpp_cell, _cpp_cell_v2 = _cpp_ops.bconv_cell, _cpp_ops.bconv_cell_v2
+else:
+    _cpp_cell = _cpp_cell_v2 = _no_extension
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend(
+        "reference", ("cpu", "cuda"), python_ref.bconv_cell, python_ref.bconv_cell_v2, _always
+    ),
+    "cpu": Backend("cpu", ("cpu",), _cpp_cell, _cpp_cell_v2, _cpu_unavailable),
+    "cuda": Backend("cuda", ("cuda",), _cpp_cell, _cpp_cell_v2, _cuda_unavailable),
+}
+
+# Preference of "auto", fastest first (per device, the first available that runs there).
+AUTO_ORDER = ["cuda", "triton", "cpu", "reference"]
+
+
+def register_backend(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, e.g. ["reference", "cpu"]."""
+    return [name for name, b in BACKENDS.items() if b.unavailable() is None]
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    """The backend to run for tensors on `device`: `backend` itself, or the choice of "auto"."""
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            b = BACKENDS.get(name)
+            if b and device.type in b.device_types and b.unavailable() is None:
+                return b
+        raise RuntimeError(f"ptl_fused: no backend runs on {device}")
+    b = BACKENDS.get(backend)
+    if b is None:
+        raise ValueError(
+            f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)} "
+            f"(available here: {available_backends()})"
+        )
+    why = b.unavailable()
+    if why is not None:
+        raise RuntimeError(
+            f"backend {backend!r} is not available: {why}; available here: {available_backends()}"
+        )
+    if device.type not in b.device_types:
+        raise ValueError(
+            f"backend {backend!r} runs on {'/'.join(b.device_types)} tensors, but x is on {device}"
+        )
+    return b

@@ -1,0 +1,222 @@
+"""Drop-in nn.Modules: BConvCell and BConvCellV2 with the state rules of DESIGN.md §1.
+
+Training carries the state (detached) from batch to batch, position-wise; evaluation starts
+every batch from zeros and carries nothing (with state_init="normal" too, so that eval
+features are deterministic). The state is not a parameter or buffer: it is not in
+state_dict, DDP does not broadcast it (each rank keeps its own), and .to(device) moves it
+while keeping its float32 dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from python_ref import STATE_INITS, carry_state, state_dtype
+
+from . import ops
+from .backends import BACKENDS
+
+
+class _BConvCellBase(nn.Module):
+    state: Tensor | tuple[Tensor, ...] | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        bias: bool,
+        state_init: str,
+        backend: str,
+        gate_in_channels: int,
+    ) -> None:
+        super().__init__()
+        for name, v, low in (
+            ("in_channels", in_channels, 1),
+            ("out_channels", out_channels, 1),
+            ("kernel_size", kernel_size, 1),
+            ("stride", stride, 1),
+            ("padding", padding, 0),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if state_init not in STATE_INITS:
+            raise ValueError(f"state_init must be one of {STATE_INITS}, got {state_init!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.state_init, self.backend = state_init, backend
+        k = kernel_size
+        self.weight = nn.Parameter(torch.empty(4 * out_channels, gate_in_channels, k, k))
+        self.bias = nn.Parameter(torch.empty(4 * out_channels)) if bias else None
+        self.state = None
+        _init_conv(self.weight, self.bias)
+
+    def reset_state(self) -> None:
+        """Forget the carried state (call at the start of every training epoch)."""
+        self.state = None
+
+    def state_shape(self, x: Tensor) -> tuple[int, int, int, int]:
+        """(B, Cout, Ho, Wo) of the state and output for input x (B, Cin, H, W)."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        k, s, p = self.kernel_size, self.stride, self.padding
+        ho, wo = ((n + 2 * p - k) // s + 1 for n in x.shape[-2:])
+        return x.shape[0], self.out_channels, ho, wo
+
+    def _previous(self, state: Tensor | None, shape: tuple[int, ...], x: Tensor, name: str) -> Tensor:
+        dtype = state_dtype(x.dtype)
+        if not self.training:
+            return torch.zeros(shape, dtype=dtype, device=x.device)
+        return carry_state(state, shape, dtype, x.device, self.state_init, name)
+
+    def _apply(self, fn, recurse=True):
+        # Follow .to(device) / .cuda(), but keep the state's own (float32) precision.
+        super()._apply(fn, recurse)
+        if self.state is not None:
+            moved = [s.to(fn(s[:0]).device) for s in _as_tuple(self.state)]
+            self.state = moved[0] if isinstance(self.state, Tensor) else tuple(moved)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"state_init={self.state_init!r}, backend={self.backend!r}"
+        )
+
+
+class BConvCell(_BConvCellBase):
+    """Batch-related Convolutional Cell (PTL, DESIGN.md §1).
+
+    x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); .state is C_b (B, Cout, Ho, Wo), float32.
+    Parameters: weight (4·Cout, Cin, k, k), gates ordered input, forget, output, cell;
+    bias (4·Cout) or None.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = False,
+        state_init: str = "zeros",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, bias, state_init, backend, in_channels
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = self.state_shape(x)
+        c_prev = self._previous(self.state, shape, x, "state")
+        y, c_new = ops.bconv_cell(
+            x, self.weight, self.bias, c_prev, self.stride, self.padding, backend=self.backend
+        )
+        if self.training:
+            self.state = c_new.detach()
+        return y
+
+
+class BConvCellV2(_BConvCellBase):
+    """BConv-Cell-v2: recovers historical features from the aggregated hidden output.
+
+    x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); .state is (C_b, H_b), each (B, Cout, Ho, Wo).
+    Parameters: weight (4·Cout, 2·Cin, k, k) over [x, X~]; weight_rec (Cout, Cin, k, k) of
+    the transpose-convolution recovery; bias/bias_rec when bias=True.
+    H_b is the running mean of the outputs since the last reset (hidden_momentum=None) or an
+    EMA with alpha = hidden_momentum.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = False,
+        state_init: str = "zeros",
+        hidden_momentum: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, bias, state_init, backend, 2 * in_channels
+        )
+        if hidden_momentum is not None and not 0.0 < hidden_momentum <= 1.0:
+            raise ValueError(f"hidden_momentum must be None or in (0, 1], got {hidden_momentum!r}")
+        self.hidden_momentum = hidden_momentum
+        k = kernel_size
+        self.weight_rec = nn.Parameter(torch.empty(out_channels, in_channels, k, k))
+        self.bias_rec = nn.Parameter(torch.empty(in_channels)) if bias else None
+        _init_conv(self.weight_rec, self.bias_rec)
+        # Batches since the last reset (n_b); a buffer so that .to() moves it and
+        # torch.compile sees a tensor, not a Python int that would recompile every step.
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.num_batches.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = self.state_shape(x)
+        c_state, h_state = self.state if self.state is not None else (None, None)
+        c_prev = self._previous(c_state, shape, x, "state[0] (C)")
+        h_prev = self._previous(h_state, shape, x, "state[1] (H)")
+        if not self.training:
+            alpha: float | Tensor = 1.0
+        elif self.hidden_momentum is None:
+            self.num_batches.add_(1)
+            alpha = 1.0 / self.num_batches
+        else:
+            alpha = self.hidden_momentum
+        y, c_new, h_new = ops.bconv_cell_v2(
+            x,
+            self.weight,
+            self.bias,
+            self.weight_rec,
+            self.bias_rec,
+            c_prev,
+            h_prev,
+            alpha,
+            self.stride,
+            self.padding,
+            backend=self.backend,
+        )
+        if self.training:
+            self.state = (c_new.detach(), h_new.detach())
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", hidden_momentum={self.hidden_momentum}"
+
+
+def reset_states(model: nn.Module) -> int:
+    """Reset every BConv-Cell in `model` (call at each training epoch start); returns how many."""
+    cells = [m for m in model.modules() if isinstance(m, _BConvCellBase)]
+    for m in cells:
+        m.reset_state()
+    return len(cells)
+
+
+def _as_tuple(state: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (state,) if isinstance(state, Tensor) else tuple(state)
+
+
+def _init_conv(weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+    """nn.Conv2d's default initialisation (the authors' cells are nn.Conv2d)."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in = weight[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)

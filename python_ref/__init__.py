@@ -1,0 +1,14 @@
+"""Pure-PyTorch reference of the BConv-Cell: the oracle every ptl_fused backend is tested against."""
+
+from .bconv_cell import bconv_cell, bconv_cell_v2, output_padding, state_dtype
+from .state import STATE_INITS, carry_state, initial_state
+
+__all__ = [
+    "STATE_INITS",
+    "bconv_cell",
+    "bconv_cell_v2",
+    "carry_state",
+    "initial_state",
+    "output_padding",
+    "state_dtype",
+]
