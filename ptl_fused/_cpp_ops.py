@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
+from torch.autograd.function import once_differentiable
 
 from python_ref import output_padding
 
@@ -88,6 +89,7 @@ def _setup_v1(ctx, inputs, output):
     ctx.conv = (bias is not None, stride, padding)
 
 
+@once_differentiable  # second derivatives are not implemented: a clear error, not wrong numbers
 def _backward_v1(ctx, grad_y, grad_c_new, _grad_gates):
     x, weight, c_prev, gates = ctx.saved_tensors
     has_bias, stride, padding = ctx.conv
@@ -107,6 +109,7 @@ def _setup_v2(ctx, inputs, output):
     ctx.conv = (bias is not None, bias_rec is not None, stride, padding)
 
 
+@once_differentiable
 def _backward_v2(ctx, grad_y, grad_c_new, grad_h_new, _grad_gates, _grad_x_rec):
     x, weight, weight_rec, c_prev, h_prev, gates, x_rec, h_alpha = ctx.saved_tensors
     has_bias, has_bias_rec, stride, padding = ctx.conv
@@ -171,3 +174,4 @@ def bconv_cell_v2(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding
     )
     return y, c_new, h_new
+

@@ -1,0 +1,126 @@
+"""Test cases of the cell: shapes, inputs in op-argument order, and a runner per backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+import python_ref
+from ptl_fused import ops
+from ptl_fused.backends import BACKENDS
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    cin: int
+    cout: int
+    h: int
+    w: int
+    k: int
+    stride: int
+    padding: int
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return tuple((n + 2 * self.padding - self.k) // self.stride + 1 for n in (self.h, self.w))
+
+    def __str__(self) -> str:
+        return (
+            f"B{self.batch}-{self.cin}to{self.cout}-{self.h}x{self.w}-k{self.k}s{self.stride}p{self.padding}"
+        )
+
+
+# Odd sizes, stride 1/2, padding 0/1, kernel 1/3/5, Cin 1/3, Cout 1, batch 1.
+CASES = [
+    Case(2, 3, 4, 7, 5, 3, 1, 1),
+    Case(2, 3, 4, 7, 5, 3, 2, 1),
+    Case(1, 1, 1, 6, 6, 1, 1, 0),
+    Case(3, 3, 2, 9, 8, 5, 2, 0),
+    Case(2, 1, 3, 5, 7, 5, 1, 1),
+    Case(1, 2, 1, 8, 6, 3, 2, 0),
+]
+
+# The state dtype of each compute dtype (DESIGN.md §1).
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def backend_params(device_types=("cpu", "cuda")):
+    """(backend, device) pairs to test: each backend on each device it runs on, skipped with
+    the reason where this machine cannot run it."""
+    params = []
+    for name, b in BACKENDS.items():
+        for dev in b.device_types:
+            if dev not in device_types:
+                continue
+            why = b.unavailable()
+            if dev == "cuda" and not torch.cuda.is_available():
+                why = "no CUDA device on this machine"
+            marks = [pytest.mark.skip(reason=f"{name} on {dev}: {why}")] if why else []
+            params.append(pytest.param(name, dev, id=f"{name}-{dev}", marks=marks))
+    return params
+
+
+def make_inputs(case: Case, v2: bool, bias: bool = True, seed: int = 0) -> dict[str, Tensor]:
+    """float64 master inputs on the CPU, in op-argument order (h_alpha last for v2)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    cin_gate = 2 * case.cin if v2 else case.cin
+    fan_in = cin_gate * case.k * case.k
+    state = (case.batch, case.cout, *case.out_hw)
+    args = {
+        "x": rnd(case.batch, case.cin, case.h, case.w),
+        "weight": rnd(4 * case.cout, cin_gate, case.k, case.k, scale=fan_in**-0.5),
+        "bias": rnd(4 * case.cout, scale=0.1) if bias else None,
+    }
+    if v2:
+        args["weight_rec"] = rnd(case.cout, case.cin, case.k, case.k, scale=(case.cout * case.k**2) ** -0.5)
+        args["bias_rec"] = rnd(case.cin, scale=0.1) if bias else None
+    args["c_prev"] = rnd(*state, scale=0.5)
+    if v2:
+        args["h_prev"] = rnd(*state, scale=0.5)
+        args["h_alpha"] = 0.25
+    return args
+
+
+STATE_ARGS = ("c_prev", "h_prev")
+
+
+def cast_inputs(master: dict, dtype: torch.dtype, device: str, requires_grad: bool = True) -> dict:
+    """Compute-dtype copies (states in their state dtype) that are leaves requiring grad."""
+    sdtype = python_ref.state_dtype(dtype)
+    out = {}
+    for name, t in master.items():
+        if isinstance(t, Tensor):
+            t = t.to(device=device, dtype=sdtype if name in STATE_ARGS else dtype)
+            t.requires_grad_(requires_grad)
+        out[name] = t
+    return out
+
+
+def call(backend: str, args: dict, case: Case, v2: bool):
+    """Runs the cell through ptl_fused.ops (or python_ref itself for 'oracle')."""
+    fn = (python_ref.bconv_cell_v2 if v2 else python_ref.bconv_cell) if backend == "oracle" else None
+    if fn is None:
+        fn = ops.bconv_cell_v2 if v2 else ops.bconv_cell
+        return fn(*args.values(), case.stride, case.padding, backend=backend)
+    return fn(*args.values(), case.stride, case.padding)
+
+
+def forward_backward(backend: str, args: dict, case: Case, v2: bool, seed: int = 1):
+    """Outputs and the gradient of every tensor input under sum(out_i * r_i), r_i random."""
+    outs = call(backend, args, case, v2)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in outs)
+    leaves = {n: t for n, t in args.items() if isinstance(t, Tensor) and t.requires_grad}
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return outs, dict(zip(leaves, grads, strict=True))
+
+
+OUT_NAMES = ("y", "c_new", "h_new")

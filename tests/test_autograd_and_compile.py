@@ -1,0 +1,118 @@
+"""gradcheck in float64, torch.library.opcheck, torch.compile(fullgraph=True), autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptl_fused
+from cells import CASES, backend_params, call, cast_inputs, forward_backward, make_inputs
+from tolerances import assert_matches_oracle
+
+CPU_BACKENDS = backend_params(device_types=("cpu",))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+def test_gradcheck_float64(backend, device, case, v2):
+    args = cast_inputs(make_inputs(case, v2), torch.float64, device)
+    names = [n for n, t in args.items() if isinstance(t, torch.Tensor)]
+
+    def fn(*tensors):
+        return call(backend, {**args, **dict(zip(names, tensors, strict=True))}, case, v2)
+
+    assert torch.autograd.gradcheck(fn, [args[n] for n in names], eps=1e-6, atol=1e-7)
+
+
+def _op_samples(v2: bool, dtype=torch.float32):
+    case = CASES[1]
+    args = cast_inputs(make_inputs(case, v2), dtype, "cpu")
+    if v2:
+        args["h_alpha"] = torch.tensor(0.25)
+        return torch.ops.ptl_fused.bconv_cell_v2_fwd.default, (*args.values(), case.stride, case.padding)
+    return torch.ops.ptl_fused.bconv_cell_fwd.default, (*args.values(), case.stride, case.padding)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_forward_ops(v2, channels_last):
+    op, args = _op_samples(v2)
+    if channels_last:
+        args = tuple(
+            a.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+            if isinstance(a, torch.Tensor) and a.dim() == 4
+            else a
+            for a in args
+        )
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_opcheck_backward_ops(v2):
+    fwd, args = _op_samples(v2)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    with torch.no_grad():
+        outs = fwd(*args)
+    n_states = 2 if v2 else 1
+    grads = [torch.randn_like(o) for o in outs[: 1 + n_states]]
+    c_prev = args[5] if v2 else args[3]
+    gates = outs[1 + n_states]
+    if v2:
+        torch.library.opcheck(torch.ops.ptl_fused.bconv_cell_v2_bwd.default, (*grads, c_prev, gates, args[7]))
+        torch.library.opcheck(torch.ops.ptl_fused.bconv_cell_v2_bwd.default, (None, None, grads[2], c_prev, gates, args[7]))
+    else:
+        torch.library.opcheck(torch.ops.ptl_fused.bconv_cell_bwd.default, (*grads, c_prev, gates))
+        torch.library.opcheck(torch.ops.ptl_fused.bconv_cell_bwd.default, (grads[0], None, c_prev, gates))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+def test_compile_fullgraph_forward_backward(backend, device, v2):
+    torch._dynamo.reset()
+    case = CASES[1]
+    master = make_inputs(case, v2)
+    if v2:
+        master["h_alpha"] = torch.tensor(0.25, dtype=torch.float64)
+    op = ptl_fused.ops.bconv_cell_v2 if v2 else ptl_fused.ops.bconv_cell
+    compiled = torch.compile(
+        lambda *a: op(*a, case.stride, case.padding, backend=backend), fullgraph=True, dynamic=False
+    )
+    args = cast_inputs(master, torch.float32, device)
+    if v2:
+        args["h_alpha"] = args["h_alpha"].detach().float()
+    outs = compiled(*args.values())
+    sum(o.sum() for o in outs).backward()
+    ref_args = cast_inputs(master, torch.float32, device)
+    if v2:
+        ref_args["h_alpha"] = ref_args["h_alpha"].detach().float()
+    ref_outs = op(*ref_args.values(), case.stride, case.padding, backend=backend)
+    sum(o.sum() for o in ref_outs).backward()
+    for got, want in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(got, want)
+    for name, t in args.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            torch.testing.assert_close(t.grad, ref_args[name].grad, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+def test_autocast_bf16_compute_float32_state(backend, device, v2):
+    case = CASES[0]
+    master = make_inputs(case, v2)
+    oracle_out, oracle_grad = forward_backward("oracle", cast_inputs(master, torch.float64, "cpu"), case, v2)
+    results = {}
+    for who in ("oracle", backend):
+        args = cast_inputs(master, torch.float32, device)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            outs, grads = forward_backward(who, args, case, v2)
+        results[who] = outs, grads
+    outs, grads = results[backend]
+    assert outs[0].dtype == torch.bfloat16, "y must have the autocast dtype"
+    assert all(o.dtype == torch.float32 for o in outs[1:]), "states must stay float32"
+    assert all(g.dtype == torch.float32 for g in grads.values() if g is not None), "grads of fp32 leaves"
+    eager_outs, eager_grads = results["oracle"]
+    for i, (got, eager, oracle) in enumerate(zip(outs, eager_outs, oracle_out, strict=True)):
+        assert_matches_oracle(f"autocast out{i}", got, eager, oracle, torch.bfloat16)
+    for name in oracle_grad:
+        assert_matches_oracle(f"autocast d{name}", grads[name], eager_grads[name], oracle_grad[name], torch.bfloat16)

@@ -1,0 +1,103 @@
+"""Bad input: a clear error naming the argument, expected and actual values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptl_fused
+from ptl_fused import ops
+
+
+def _v1(**over):
+    args = dict(
+        x=torch.randn(2, 3, 7, 5),
+        weight=torch.randn(16, 3, 3, 3),
+        bias=None,
+        c_prev=torch.zeros(2, 4, 7, 5),
+        stride=1,
+        padding=1,
+    )
+    args.update(over)
+    return args
+
+
+def _v2(**over):
+    args = dict(
+        x=torch.randn(2, 3, 7, 5),
+        weight=torch.randn(16, 6, 3, 3),
+        bias=None,
+        weight_rec=torch.randn(4, 3, 3, 3),
+        bias_rec=None,
+        c_prev=torch.zeros(2, 4, 7, 5),
+        h_prev=torch.zeros(2, 4, 7, 5),
+        h_alpha=0.5,
+        stride=1,
+        padding=1,
+    )
+    args.update(over)
+    return args
+
+
+V1_CASES = [
+    (dict(x=torch.randn(3, 7, 5)), ValueError, r"x must be 4-D \(B, Cin, H, W\), got shape \(3, 7, 5\)"),
+    (dict(x=torch.ones(2, 3, 7, 5, dtype=torch.long)), TypeError, "x must be a floating-point tensor, got torch.int64"),
+    (dict(weight=torch.randn(16, 5, 3, 3)), ValueError, "weight has 5 input channels but x has Cin=3"),
+    (dict(weight=torch.randn(15, 3, 3, 3)), ValueError, r"weight must be \(4\*Cout, 3, k, k\)"),
+    (dict(weight=torch.randn(16, 3, 3, 3, dtype=torch.float64)), TypeError, "weight is torch.float64 but x is torch.float32"),
+    (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(16,\)"),
+    (dict(c_prev=torch.zeros(2, 4, 5, 5)), ValueError, r"c_prev must have shape \(B, Cout, Ho, Wo\) = \(2, 4, 7, 5\), got \(2, 4, 5, 5\)"),
+    (dict(c_prev=torch.zeros(2, 4, 7, 5, dtype=torch.bfloat16)), TypeError, "c_prev must be torch.float32"),
+    (dict(c_prev=torch.zeros(2, 4, 7, 5, device="meta")), ValueError, "c_prev is on meta but x is on cpu"),
+    (dict(weight=torch.randn(16, 3, 3, 3, device="meta")), ValueError, "weight is on meta but x is on cpu"),
+    (dict(stride=0), ValueError, "stride must be an int >= 1, got 0"),
+    (dict(padding=-1), ValueError, "padding must be an int >= 0, got -1"),
+    (dict(x=torch.randn(2, 3, 1, 1), padding=0), ValueError, "spatial size 1x1 is too small for kernel_size=3"),
+    (dict(c_prev=[0.0]), TypeError, "c_prev must be a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("over,exc,msg", V1_CASES, ids=lambda v: None)
+def test_v1_bad_input(over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ops.bconv_cell(**_v1(**over))
+
+
+V2_CASES = [
+    (dict(weight=torch.randn(16, 3, 3, 3)), ValueError, r"2\*Cin for v2"),
+    (dict(weight_rec=torch.randn(4, 3, 5, 5)), ValueError, r"weight_rec must have shape \(Cout, Cin, k, k\) = \(4, 3, 3, 3\)"),
+    (dict(bias_rec=torch.randn(4)), ValueError, r"bias_rec must have shape \(3,\)"),
+    (dict(h_prev=torch.zeros(1, 4, 7, 5)), ValueError, r"h_prev must have shape .* got \(1, 4, 7, 5\)"),
+    (dict(h_alpha=torch.ones(2)), ValueError, "h_alpha must be a float or a 1-element"),
+    (dict(h_alpha="half"), TypeError, "h_alpha must be a float"),
+]
+
+
+@pytest.mark.parametrize("over,exc,msg", V2_CASES, ids=lambda v: None)
+def test_v2_bad_input(over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ops.bconv_cell_v2(**_v2(**over))
+
+
+def test_unknown_backend_lists_available():
+    with pytest.raises(ValueError, match=r"unknown backend 'fastest'.*available here: \['reference'"):
+        ops.bconv_cell(**_v1(), backend="fastest")
+
+
+def test_backend_on_wrong_device_or_unavailable():
+    if "cuda" in ptl_fused.available_backends():
+        with pytest.raises(ValueError, match="backend 'cuda' runs on cuda tensors, but x is on cpu"):
+            ops.bconv_cell(**_v1(), backend="cuda")
+    else:
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            ops.bconv_cell(**_v1(), backend="cuda")
+
+
+def test_double_backward_is_refused():
+    args = _v1()
+    args["x"].requires_grad_()
+    y, _ = ops.bconv_cell(**args, backend="cpu")
+    v = torch.randn_like(y, requires_grad=True)
+    (gx,) = torch.autograd.grad(y, args["x"], grad_outputs=v, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()

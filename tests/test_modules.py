@@ -1,0 +1,171 @@
+"""BConvCell / BConvCellV2 modules: the state rules of DESIGN.md §1 against python_ref."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import python_ref
+from ptl_fused import BConvCell, BConvCellV2, reset_states
+from cells import backend_params
+
+CPU_BACKENDS = backend_params(device_types=("cpu",))
+
+
+def _make(v2, backend, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("padding", 1)
+    cls = BConvCellV2 if v2 else BConvCell
+    return cls(3, 4, kernel_size=3, stride=2, bias=True, backend=backend, **kw).double()
+
+
+def _ref_step(cell, x, state, n):
+    """One training batch through python_ref with the carried (detached) state."""
+    b = x.shape[0]
+    shape = (b, cell.out_channels, *[(s + 2 - 3) // 2 + 1 for s in x.shape[-2:]])
+    if isinstance(cell, BConvCellV2):
+        c_prev = python_ref.carry_state(state and state[0], shape, torch.float64, x.device)
+        h_prev = python_ref.carry_state(state and state[1], shape, torch.float64, x.device)
+        alpha = 1.0 / n if cell.hidden_momentum is None else cell.hidden_momentum
+        y, c, h = python_ref.bconv_cell_v2(
+            x, cell.weight, cell.bias, cell.weight_rec, cell.bias_rec, c_prev, h_prev, alpha, 2, 1
+        )
+        return y, (c.detach(), h.detach())
+    c_prev = python_ref.carry_state(state, shape, torch.float64, x.device)
+    y, c = python_ref.bconv_cell(x, cell.weight, cell.bias, c_prev, 2, 1)
+    return y, c.detach()
+
+
+def _states(s):
+    return (s,) if isinstance(s, torch.Tensor) else tuple(s)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3], ids=["running_mean", "ema"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+def test_three_training_batches_with_batch_changes(backend, device, v2, momentum):
+    if momentum is not None and not v2:
+        pytest.skip("hidden_momentum is a v2 option")
+    kw = {"hidden_momentum": momentum} if v2 else {}
+    cell = _make(v2, backend, **kw)
+    ref = copy.deepcopy(cell)
+    ref_state = None
+    # Batch sizes 3 -> 2 (shrink: rows [:2]) -> 4 (grow: rows 2, 3 start fresh).
+    for n, b in enumerate([3, 2, 4], start=1):
+        x = torch.randn(b, 3, 9, 7, dtype=torch.float64)
+        y = cell(x)
+        y_ref, ref_state = _ref_step(ref, x, ref_state, n)
+        torch.testing.assert_close(y, y_ref)
+        for s, s_ref in zip(_states(cell.state), _states(ref_state), strict=True):
+            assert not s.requires_grad, "the carried state must be detached"
+            torch.testing.assert_close(s, s_ref)
+        gy = torch.randn_like(y)
+        (y * gy).sum().backward()
+        (y_ref * gy).sum().backward()
+    for (name, p), p_ref in zip(cell.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=f"accumulated grad of {name}")
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+def test_eval_starts_fresh_and_carries_nothing(backend, device, v2):
+    cell = _make(v2, backend)
+    x = torch.randn(4, 3, 9, 7, dtype=torch.float64)
+    cell(torch.randn(4, 3, 9, 7, dtype=torch.float64))  # a training batch leaves a state
+    trained_state = [s.clone() for s in _states(cell.state)]
+    cell.eval()
+    y_all = cell(x)
+    y_rev = cell(x.flip(0)).flip(0)  # batch order does not matter
+    y_one = torch.cat([cell(x[i : i + 1]) for i in range(4)])  # nor batch size
+    torch.testing.assert_close(y_all, y_rev)
+    torch.testing.assert_close(y_all, y_one)
+    for s, t in zip(_states(cell.state), trained_state, strict=True):
+        torch.testing.assert_close(s, t)  # eval did not touch the training state
+    fresh = _make(v2, backend).train()
+    fresh.load_state_dict(cell.state_dict())
+    torch.testing.assert_close(y_all, fresh(x))  # = a first training batch from zeros
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_reset_states_and_state_dict(v2):
+    model = nn.Sequential(_make(v2, "auto"), nn.ReLU(), _make(v2, "auto"))
+    model[2] = type(model[2])(4, 2, padding=1, backend="auto").double()
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    y1 = model(x)
+    assert model[0].state is not None and model[2].state is not None
+    assert not any("state" in k for k in model.state_dict()), "the state must not be in state_dict"
+    assert reset_states(model) == 2
+    assert model[0].state is None and model[2].state is None
+    torch.testing.assert_close(model(x), y1)  # same as a first batch again
+    if v2:
+        assert model[0].num_batches.item() == 1
+
+
+def test_state_init_normal():
+    torch.manual_seed(0)
+    cell = BConvCell(3, 4, padding=1, state_init="normal")
+    x = torch.zeros(2, 3, 5, 5)
+    y_normal = cell(x)
+    cell_zero = BConvCell(3, 4, padding=1)
+    cell_zero.load_state_dict(cell.state_dict())
+    y_zero = cell_zero(x)
+    diff = (y_normal - y_zero).abs().max().item()
+    assert 0 < diff < 0.01, "N(0, 0.001²) initial state: small but present"
+
+
+def test_state_mismatch_is_a_clear_error():
+    cell = BConvCell(3, 4, padding=1)
+    cell(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"carried state has shape \(2, 4, 8, 8\).*\(2, 4, 6, 6\)"):
+        cell(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"expects x of shape \(B, 3, H, W\)"):
+        cell(torch.randn(2, 5, 8, 8))
+    cell.reset_state()
+    assert cell(torch.randn(2, 3, 6, 6)).shape == (2, 4, 6, 6)
+
+
+def test_state_is_float32_under_bf16_and_to_keeps_it():
+    cell = BConvCell(3, 4, padding=1).to(torch.bfloat16)
+    y = cell(torch.randn(2, 3, 5, 5, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and cell.state.dtype == torch.float32
+    cell.to(torch.float16)  # .to() moves the state, never lowers its precision
+    assert cell.state.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cell32 = BConvCellV2(3, 4, padding=1)
+        y = cell32(torch.randn(2, 3, 5, 5))
+    assert y.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in cell32.state)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="state_init"):
+        BConvCell(3, 4, state_init="uniform")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        BConvCell(3, 4, backend="fast")
+    with pytest.raises(ValueError, match="out_channels must be an int >= 1"):
+        BConvCell(3, 0)
+    with pytest.raises(ValueError, match="hidden_momentum"):
+        BConvCellV2(3, 4, hidden_momentum=1.5)
+
+
+def test_parameter_shapes_and_defaults():
+    c1 = BConvCell(3, 4)
+    assert c1.weight.shape == (16, 3, 3, 3) and c1.bias is None and c1.state is None
+    c2 = BConvCellV2(3, 4, kernel_size=5, bias=True)
+    assert c2.weight.shape == (16, 6, 5, 5) and c2.weight_rec.shape == (4, 3, 5, 5)
+    assert c2.bias.shape == (16,) and c2.bias_rec.shape == (3,)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_module_under_torch_compile(v2):
+    torch._dynamo.reset()
+    cell, ref = (BConvCellV2 if v2 else BConvCell)(3, 4, padding=1), None
+    ref = copy.deepcopy(cell)
+    compiled = torch.compile(cell)
+    for _ in range(3):
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(compiled(x), ref(x))
+    for s, s_ref in zip(_states(cell.state), _states(ref.state), strict=True):
+        torch.testing.assert_close(s, s_ref)
