@@ -1,0 +1,81 @@
+"""Benchmark options, machine info, and the markdown/PNG report beside the saved JSON."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from report import write_report
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-set", default="table", choices=["table", "mgn", "all"], help="shape set")
+    parser.addoption("--bench-dtype", default=None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    machine_info["ptl_fused"] = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "triton": triton_version,
+        "driver": _driver(),
+    }
+
+
+def _driver() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    path = getattr(config.option, "benchmark_json", None)
+    if path is not None:
+        write_report(output_json, path.name)
+
+
+def pytest_generate_tests(metafunc):
+    if "shape" in metafunc.fixturenames:
+        from shapes import SETS
+
+        shapes = SETS[metafunc.config.getoption("--bench-set")]
+        metafunc.parametrize("shape", shapes, ids=[s.name for s in shapes])
+
+
+@pytest.fixture(scope="session")
+def dtype(request):
+    name = request.config.getoption("--bench-dtype")
+    if name is None:
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)

@@ -1,0 +1,91 @@
+"""Turns a pytest-benchmark JSON into a markdown table and a PNG beside it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from shapes import PEAKS
+
+
+def _peaks(device: str):
+    return next((p for name, p in PEAKS.items() if name in device), None)
+
+
+def write_report(data: dict, json_path: str) -> None:
+    rows = [b for b in data["benchmarks"] if "impl" in b.get("extra_info", {})]
+    if not rows:
+        return
+    info = data["machine_info"].get("ptl_fused", {})
+    peaks = _peaks(info.get("device", ""))
+    by_group: dict[str, dict[str, dict]] = defaultdict(dict)
+    for b in rows:
+        by_group[b["group"]][b["extra_info"]["impl"]] = b
+    lines = [
+        f"# BConv-Cell benchmark: {info.get('device')}",
+        "",
+        f"torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, "
+        f"triton {info.get('triton')}, driver {info.get('driver')}; {data.get('datetime', '')}",
+        "",
+        "Median time; `x eager` / `x compile` = speed-up over eager / torch.compile'd python_ref "
+        "(>1 is faster); GB/s from the forward's compulsory bytes (fwd rows); TFLOP/s from the "
+        "gate (+recovery) conv FLOPs (x3 for fwd+bwd); saved = bytes autograd keeps for backward.",
+        "",
+        "| shape | cell | pass | impl | dtype | median ms | x eager | x compile | GB/s | TFLOP/s "
+        + ("| x roofline " if peaks else "")
+        + "| saved MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peaks else "") + "---|",
+    ]
+    for group, impls in by_group.items():
+        eager = impls.get("eager", {}).get("stats", {}).get("median")
+        comp = impls.get("compile", {}).get("stats", {}).get("median")
+        for impl, b in impls.items():
+            e, t = b["extra_info"], b["stats"]["median"]
+            gbs = f"{e['bytes'] / t / 1e9:.1f}" if e["pass_"] == "fwd" else ""
+            cols = [
+                e["shape_desc"],
+                e["version"],
+                e["pass_"],
+                impl,
+                e["dtype"],
+                f"{t * 1e3:.3f}",
+                f"{eager / t:.2f}" if eager else "",
+                f"{comp / t:.2f}" if comp else "",
+                gbs,
+                f"{e['flops'] / t / 1e12:.3f}",
+            ]
+            if peaks:
+                bound = max(e["flops"] / peaks[0], (e["bytes"] / peaks[1]) if e["pass_"] == "fwd" else 0)
+                cols.append(f"{t / bound:.2f}")
+            cols.append(f"{e['saved_bytes'] / 2**20:.1f}")
+            lines.append("| " + " | ".join(cols) + " |")
+    out = Path(json_path)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(by_group, out.with_suffix(".png"), info.get("device", ""))
+
+
+def _plot(by_group: dict, path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(by_group)
+    impls = sorted({impl for g in by_group.values() for impl in g}, key=lambda s: (s != "eager", s))
+    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 0.6), 4.5))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        speedups = []
+        for g in groups:
+            eager = by_group[g].get("eager", {}).get("stats", {}).get("median")
+            b = by_group[g].get(impl)
+            speedups.append(eager / b["stats"]["median"] if (b and eager) else 0)
+        ax.bar([j + i * width for j in range(len(groups))], speedups, width, label=impl)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up over eager python_ref")
+    ax.set_title(f"BConv-Cell on {device}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""Forward and forward+backward of every backend beside eager and compiled python_ref.
+
+Run: pytest bench/ --benchmark-json=bench/results/<name>.json   (writes .md and .png beside)
+Smoke (CI): pytest bench/ --benchmark-disable
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import python_ref
+from ptl_fused import available_backends, ops
+from ptl_fused.backends import BACKENDS
+from conftest import bench_device
+
+DEVICE = bench_device()
+BACKEND_IMPLS = [b for b in available_backends() if b != "reference" and DEVICE.type in BACKENDS[b].device_types]
+IMPLS = ["eager", "compile", *BACKEND_IMPLS]
+# The torch.compile baseline of the Triton/CUDA targets on GPU; inductor's default on CPU.
+COMPILE_MODE = "max-autotune-no-cudagraphs" if DEVICE.type == "cuda" else None
+torch._dynamo.config.cache_size_limit = 64
+
+
+def make_args(shape, v2: bool, dtype: torch.dtype) -> tuple[list, list[torch.Tensor]]:
+    """Op arguments (as a training step sees them) and the leaves that get gradients."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*size, scale=1.0, grad=False, dt=dtype):
+        t = (torch.randn(*size, generator=g) * scale).to(DEVICE, dt)
+        return t.requires_grad_(grad)
+
+    ho, wo = shape.out_hw
+    state = (shape.batch, shape.cout, ho, wo)
+    sdt = python_ref.state_dtype(dtype)
+    cin_gate = 2 * shape.cin if v2 else shape.cin
+    x = rnd(shape.batch, shape.cin, shape.h, shape.w, grad=True)
+    w = rnd(4 * shape.cout, cin_gate, shape.k, shape.k, scale=(cin_gate * shape.k**2) ** -0.5, grad=True)
+    c = rnd(*state, scale=0.5, dt=sdt)
+    if not v2:
+        return [x, w, None, c, shape.stride, shape.padding], [x, w]
+    wr = rnd(shape.cout, shape.cin, shape.k, shape.k, scale=(shape.cout * shape.k**2) ** -0.5, grad=True)
+    h = rnd(*state, scale=0.5, dt=sdt)
+    alpha = torch.tensor(0.5, device=DEVICE)
+    return [x, w, None, wr, None, c, h, alpha, shape.stride, shape.padding], [x, w, wr]
+
+
+@functools.cache
+def cell_fn(impl: str, v2: bool):
+    ref = python_ref.bconv_cell_v2 if v2 else python_ref.bconv_cell
+    if impl == "eager":
+        return ref
+    if impl == "compile":
+        return torch.compile(ref, mode=COMPILE_MODE)
+    op = ops.bconv_cell_v2 if v2 else ops.bconv_cell
+    return functools.partial(op, backend=impl)
+
+
+def saved_bytes(run) -> int:
+    """Bytes of the unique storages autograd saves for backward during `run()`."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cell(benchmark, shape, impl, v2, pass_, dtype):
+    args, leaves = make_args(shape, v2, dtype)
+    fn = cell_fn(impl, v2)
+    y0 = fn(*args)[0]
+    grad_y = torch.randn_like(y0)
+
+    def forward():
+        with torch.no_grad():
+            out = fn(*args)
+        _sync()
+        return out
+
+    def forward_backward():
+        y = fn(*args)[0]
+        grads = torch.autograd.grad(y, leaves, grad_y)
+        _sync()
+        return grads
+
+    forward_backward()  # warm-up: compiles the backward too
+    version = "v2" if v2 else "v1"
+    benchmark.group = f"{shape.name} {version} {pass_}"
+    flops = shape.flops(v2) * (3 if pass_ == "fwd+bwd" else 1)  # backward: dx and dW convs
+    benchmark.extra_info.update(
+        impl=impl,
+        shape=shape.name,
+        shape_desc=shape.describe(),
+        version=version,
+        pass_=pass_,
+        dtype=str(dtype).removeprefix("torch."),
+        device=DEVICE.type,
+        flops=flops,
+        bytes=shape.bytes(v2, dtype),
+        saved_bytes=saved_bytes(lambda: fn(*args)),
+    )
+    benchmark(forward if pass_ == "fwd" else forward_backward)
