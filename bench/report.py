@@ -36,7 +36,7 @@ def write_report(data: dict, json_path: str) -> None:
         + "| saved MiB |",
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peaks else "") + "---|",
     ]
-    for group, impls in by_group.items():
+    for impls in by_group.values():
         eager = impls.get("eager", {}).get("stats", {}).get("median")
         comp = impls.get("compile", {}).get("stats", {}).get("median")
         for impl, b in impls.items():
@@ -65,8 +65,10 @@ def write_report(data: dict, json_path: str) -> None:
 
 
 def _plot(by_group: dict, path: Path, device: str) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the table is written, the plot is not
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -82,7 +84,9 @@ def _plot(by_group: dict, path: Path, device: str) -> None:
             speedups.append(eager / b["stats"]["median"] if (b and eager) else 0)
         ax.bar([j + i * width for j in range(len(groups))], speedups, width, label=impl)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60, ha="right", fontsize=7
+    )
     ax.set_ylabel("speed-up over eager python_ref")
     ax.set_title(f"BConv-Cell on {device}")
     ax.legend(fontsize=7)

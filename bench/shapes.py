@@ -24,7 +24,9 @@ class Shape:
         return tuple((n + 2 * self.padding - self.k) // self.stride + 1 for n in (self.h, self.w))
 
     def describe(self) -> str:
-        return f"B{self.batch} {self.cin}->{self.cout} {self.h}x{self.w} k{self.k}s{self.stride}p{self.padding}"
+        return (
+            f"B{self.batch} {self.cin}->{self.cout} {self.h}x{self.w} k{self.k}s{self.stride}p{self.padding}"
+        )
 
     def flops(self, v2: bool) -> int:
         """Forward FLOPs: the gate conv (v2: over 2·Cin) plus v2's recovery."""

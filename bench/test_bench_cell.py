@@ -14,10 +14,13 @@ import torch
 import python_ref
 from ptl_fused import available_backends, ops
 from ptl_fused.backends import BACKENDS
+
 from conftest import bench_device
 
 DEVICE = bench_device()
-BACKEND_IMPLS = [b for b in available_backends() if b != "reference" and DEVICE.type in BACKENDS[b].device_types]
+BACKEND_IMPLS = [
+    b for b in available_backends() if b != "reference" and DEVICE.type in BACKENDS[b].device_types
+]
 IMPLS = ["eager", "compile", *BACKEND_IMPLS]
 # The torch.compile baseline of the Triton/CUDA targets on GPU; inductor's default on CPU.
 COMPILE_MODE = "max-autotune-no-cudagraphs" if DEVICE.type == "cuda" else None

@@ -15,31 +15,29 @@ at::ScalarType state_type(at::ScalarType compute) {
 
 // Raw op callers get short checks; ptl_fused.ops validates with full messages first.
 void check_cell_inputs(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                       const Tensor& c_prev, int64_t in_factor, int64_t stride,
-                       int64_t padding) {
+                       const Tensor& c_prev, int64_t in_factor, int64_t stride, int64_t padding) {
   TORCH_CHECK(x.dim() == 4, "ptl_fused: x must be 4-D (B, Cin, H, W), got ", x.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) % 4 == 0 && weight.size(2) == weight.size(3),
               "ptl_fused: weight must be (4*Cout, Cin, k, k), got ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == in_factor * x.size(1), "ptl_fused: weight has ",
-              weight.size(1), " input channels, expected ", in_factor * x.size(1));
+  TORCH_CHECK(weight.size(1) == in_factor * x.size(1), "ptl_fused: weight has ", weight.size(1),
+              " input channels, expected ", in_factor * x.size(1));
   TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() == weight.scalar_type(),
-              "ptl_fused: x and weight must share a floating dtype, got ", x.scalar_type(),
-              " and ", weight.scalar_type());
+              "ptl_fused: x and weight must share a floating dtype, got ", x.scalar_type(), " and ",
+              weight.scalar_type());
   TORCH_CHECK(!bias.has_value() || bias->sizes() == at::IntArrayRef{weight.size(0)},
               "ptl_fused: bias must be (4*Cout,)");
   TORCH_CHECK(stride >= 1 && padding >= 0, "ptl_fused: need stride >= 1 and padding >= 0");
   TORCH_CHECK(c_prev.scalar_type() == state_type(x.scalar_type()), "ptl_fused: c_prev must be ",
               state_type(x.scalar_type()), ", got ", c_prev.scalar_type());
-  TORCH_CHECK(c_prev.device() == x.device(), "ptl_fused: c_prev is on ", c_prev.device(),
-              ", x on ", x.device());
+  TORCH_CHECK(c_prev.device() == x.device(), "ptl_fused: c_prev is on ", c_prev.device(), ", x on ",
+              x.device());
 }
 
 // Allocates the outputs in layout `fmt` and runs the forward epilogue, which overwrites
 // the pre-activations `z` (already in `fmt`) with the activated gates.
 std::tuple<Tensor, Tensor, Tensor> run_fwd_epilogue(FwdEpilogue epilogue, const Tensor& z,
                                                     const Tensor& c_prev, const Tensor& h_prev,
-                                                    const Tensor& h_alpha,
-                                                    c10::MemoryFormat fmt) {
+                                                    const Tensor& h_alpha, c10::MemoryFormat fmt) {
   const auto c = z.size(1) / 4;
   const std::vector<int64_t> shape = {z.size(0), c, z.size(2), z.size(3)};
   TORCH_CHECK(c_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: c_prev must be ",
@@ -83,8 +81,8 @@ std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, const Te
                                                   int64_t padding) {
   check_cell_inputs(x, weight, bias, c_prev, 1, stride, padding);
   const auto fmt = x.suggest_memory_format();
-  Tensor z = at::convolution(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1},
-                             false, {0, 0}, 1)
+  Tensor z = at::convolution(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1}, false,
+                             {0, 0}, 1)
                  .contiguous(fmt);
   auto [y, c_new, unused] = run_fwd_epilogue(epilogue, z, c_prev, {}, {}, fmt);
   return {y, c_new, z};
@@ -92,8 +90,8 @@ std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, const Te
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
     FwdEpilogue epilogue, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-    const Tensor& weight_rec, const OptTensor& bias_rec, const Tensor& c_prev,
-    const Tensor& h_prev, const Tensor& h_alpha, int64_t stride, int64_t padding) {
+    const Tensor& weight_rec, const OptTensor& bias_rec, const Tensor& c_prev, const Tensor& h_prev,
+    const Tensor& h_alpha, int64_t stride, int64_t padding) {
   check_cell_inputs(x, weight, bias, c_prev, 2, stride, padding);
   const auto k = weight.size(3);
   TORCH_CHECK(weight_rec.dim() == 4 && weight_rec.size(0) == weight.size(0) / 4 &&
@@ -101,8 +99,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
                   weight_rec.size(3) == k,
               "ptl_fused: weight_rec must be (Cout, Cin, k, k), got ", weight_rec.sizes());
   const auto fmt = x.suggest_memory_format();
-  Tensor x_rec = at::convolution(h_prev.to(x.scalar_type()), weight_rec, bias_rec,
-                                 {stride, stride}, {padding, padding}, {1, 1}, true,
+  Tensor x_rec = at::convolution(h_prev.to(x.scalar_type()), weight_rec, bias_rec, {stride, stride},
+                                 {padding, padding}, {1, 1}, true,
                                  recovery_output_padding(x, k, stride, padding), 1)
                      .contiguous(fmt);
   Tensor z = at::convolution(at::cat({x, x_rec}, 1), weight, bias, {stride, stride},
@@ -167,14 +165,12 @@ namespace {
 
 template <c10::DeviceType D>
 struct Autocast {
-  static constexpr auto key = D == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA
-                                                         : c10::DispatchKey::AutocastCPU;
+  static constexpr auto key =
+      D == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA : c10::DispatchKey::AutocastCPU;
   static Tensor cast(const Tensor& t) {
     return at::autocast::cached_cast(at::autocast::get_autocast_dtype(D), t, D);
   }
-  static OptTensor cast(const OptTensor& t) {
-    return t.has_value() ? OptTensor(cast(*t)) : t;
-  }
+  static OptTensor cast(const OptTensor& t) { return t.has_value() ? OptTensor(cast(*t)) : t; }
 
   static std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& x, const Tensor& w,
                                                 const OptTensor& b, const Tensor& c_prev,

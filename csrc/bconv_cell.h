@@ -51,8 +51,8 @@ std::tuple<Tensor, Tensor> bconv_cell_bwd(BwdEpilogue epilogue, const OptTensor&
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
     FwdEpilogue epilogue, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-    const Tensor& weight_rec, const OptTensor& bias_rec, const Tensor& c_prev,
-    const Tensor& h_prev, const Tensor& h_alpha, int64_t stride, int64_t padding);
+    const Tensor& weight_rec, const OptTensor& bias_rec, const Tensor& c_prev, const Tensor& h_prev,
+    const Tensor& h_alpha, int64_t stride, int64_t padding);
 
 std::tuple<Tensor, Tensor, Tensor> bconv_cell_v2_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
                                                      const OptTensor& grad_c_new,
@@ -76,8 +76,7 @@ struct Kernels {
       const Tensor& x, const Tensor& w, const OptTensor& b, const Tensor& w_rec,
       const OptTensor& b_rec, const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
       int64_t stride, int64_t padding) {
-    return bconv_cell_v2_fwd(FE, x, w, b, w_rec, b_rec, c_prev, h_prev, h_alpha, stride,
-                             padding);
+    return bconv_cell_v2_fwd(FE, x, w, b, w_rec, b_rec, c_prev, h_prev, h_alpha, stride, padding);
   }
   static std::tuple<Tensor, Tensor, Tensor> v2_bwd(const OptTensor& gy, const OptTensor& gc,
                                                    const OptTensor& gh, const Tensor& c_prev,

@@ -6,8 +6,7 @@
 #define PTL_FUSED_TORCH_VERSION "unknown"
 #endif
 
-static struct PyModuleDef ptl_fused_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                              nullptr};
+static struct PyModuleDef ptl_fused_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&ptl_fused_module);

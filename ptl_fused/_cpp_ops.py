@@ -174,4 +174,3 @@ def bconv_cell_v2(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding
     )
     return y, c_new, h_new
-

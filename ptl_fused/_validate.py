@@ -69,9 +69,7 @@ def check_cell_inputs(
         _same_device("bias", bias, x)
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     if ho < 1 or wo < 1:
-        raise ValueError(
-            f"x's spatial size {h}x{w} is too small for kernel_size={k} with padding={padding}"
-        )
+        raise ValueError(f"x's spatial size {h}x{w} is too small for kernel_size={k} with padding={padding}")
     check_state("c_prev", c_prev, x, (b, cout, ho, wo))
     return cout, ho, wo
 

@@ -66,7 +66,8 @@ class _BConvCellBase(nn.Module):
         """(B, Cout, Ho, Wo) of the state and output for input x (B, Cin, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"{type(self).__name__} expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+                f"{type(self).__name__} expects x of shape (B, {self.in_channels}, H, W), "
+                f"got {tuple(x.shape)}"
             )
         k, s, p = self.kernel_size, self.stride, self.padding
         ho, wo = ((n + 2 * p - k) // s + 1 for n in x.shape[-2:])
@@ -151,7 +152,15 @@ class BConvCellV2(_BConvCellBase):
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, bias, state_init, backend, 2 * in_channels
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            bias,
+            state_init,
+            backend,
+            2 * in_channels,
         )
         if hidden_momentum is not None and not 0.0 < hidden_momentum <= 1.0:
             raise ValueError(f"hidden_momentum must be None or in (0, 1], got {hidden_momentum!r}")

@@ -117,7 +117,9 @@ def forward_backward(backend: str, args: dict, case: Case, v2: bool, seed: int =
     """Outputs and the gradient of every tensor input under sum(out_i * r_i), r_i random."""
     outs = call(backend, args, case, v2)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in outs)
+    loss = sum(
+        (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in outs
+    )
     leaves = {n: t for n, t in args.items() if isinstance(t, Tensor) and t.requires_grad}
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return outs, dict(zip(leaves, grads, strict=True))

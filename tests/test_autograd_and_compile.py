@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ptl_fused
+
 from cells import CASES, backend_params, call, cast_inputs, forward_backward, make_inputs
 from tolerances import assert_matches_oracle
 
@@ -60,7 +61,9 @@ def test_opcheck_backward_ops(v2):
     gates = outs[1 + n_states]
     if v2:
         torch.library.opcheck(torch.ops.ptl_fused.bconv_cell_v2_bwd.default, (*grads, c_prev, gates, args[7]))
-        torch.library.opcheck(torch.ops.ptl_fused.bconv_cell_v2_bwd.default, (None, None, grads[2], c_prev, gates, args[7]))
+        torch.library.opcheck(
+            torch.ops.ptl_fused.bconv_cell_v2_bwd.default, (None, None, grads[2], c_prev, gates, args[7])
+        )
     else:
         torch.library.opcheck(torch.ops.ptl_fused.bconv_cell_bwd.default, (*grads, c_prev, gates))
         torch.library.opcheck(torch.ops.ptl_fused.bconv_cell_bwd.default, (grads[0], None, c_prev, gates))
@@ -115,4 +118,6 @@ def test_autocast_bf16_compute_float32_state(backend, device, v2):
     for i, (got, eager, oracle) in enumerate(zip(outs, eager_outs, oracle_out, strict=True)):
         assert_matches_oracle(f"autocast out{i}", got, eager, oracle, torch.bfloat16)
     for name in oracle_grad:
-        assert_matches_oracle(f"autocast d{name}", grads[name], eager_grads[name], oracle_grad[name], torch.bfloat16)
+        assert_matches_oracle(
+            f"autocast d{name}", grads[name], eager_grads[name], oracle_grad[name], torch.bfloat16
+        )

@@ -41,18 +41,34 @@ def _v2(**over):
 
 V1_CASES = [
     (dict(x=torch.randn(3, 7, 5)), ValueError, r"x must be 4-D \(B, Cin, H, W\), got shape \(3, 7, 5\)"),
-    (dict(x=torch.ones(2, 3, 7, 5, dtype=torch.long)), TypeError, "x must be a floating-point tensor, got torch.int64"),
+    (
+        dict(x=torch.ones(2, 3, 7, 5, dtype=torch.long)),
+        TypeError,
+        "x must be a floating-point tensor, got torch.int64",
+    ),
     (dict(weight=torch.randn(16, 5, 3, 3)), ValueError, "weight has 5 input channels but x has Cin=3"),
     (dict(weight=torch.randn(15, 3, 3, 3)), ValueError, r"weight must be \(4\*Cout, 3, k, k\)"),
-    (dict(weight=torch.randn(16, 3, 3, 3, dtype=torch.float64)), TypeError, "weight is torch.float64 but x is torch.float32"),
+    (
+        dict(weight=torch.randn(16, 3, 3, 3, dtype=torch.float64)),
+        TypeError,
+        "weight is torch.float64 but x is torch.float32",
+    ),
     (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(16,\)"),
-    (dict(c_prev=torch.zeros(2, 4, 5, 5)), ValueError, r"c_prev must have shape \(B, Cout, Ho, Wo\) = \(2, 4, 7, 5\), got \(2, 4, 5, 5\)"),
+    (
+        dict(c_prev=torch.zeros(2, 4, 5, 5)),
+        ValueError,
+        r"c_prev must have shape \(B, Cout, Ho, Wo\) = \(2, 4, 7, 5\), got \(2, 4, 5, 5\)",
+    ),
     (dict(c_prev=torch.zeros(2, 4, 7, 5, dtype=torch.bfloat16)), TypeError, "c_prev must be torch.float32"),
     (dict(c_prev=torch.zeros(2, 4, 7, 5, device="meta")), ValueError, "c_prev is on meta but x is on cpu"),
     (dict(weight=torch.randn(16, 3, 3, 3, device="meta")), ValueError, "weight is on meta but x is on cpu"),
     (dict(stride=0), ValueError, "stride must be an int >= 1, got 0"),
     (dict(padding=-1), ValueError, "padding must be an int >= 0, got -1"),
-    (dict(x=torch.randn(2, 3, 1, 1), padding=0), ValueError, "spatial size 1x1 is too small for kernel_size=3"),
+    (
+        dict(x=torch.randn(2, 3, 1, 1), padding=0),
+        ValueError,
+        "spatial size 1x1 is too small for kernel_size=3",
+    ),
     (dict(c_prev=[0.0]), TypeError, "c_prev must be a torch.Tensor, got list"),
 ]
 
@@ -65,7 +81,11 @@ def test_v1_bad_input(over, exc, msg):
 
 V2_CASES = [
     (dict(weight=torch.randn(16, 3, 3, 3)), ValueError, r"2\*Cin for v2"),
-    (dict(weight_rec=torch.randn(4, 3, 5, 5)), ValueError, r"weight_rec must have shape \(Cout, Cin, k, k\) = \(4, 3, 3, 3\)"),
+    (
+        dict(weight_rec=torch.randn(4, 3, 5, 5)),
+        ValueError,
+        r"weight_rec must have shape \(Cout, Cin, k, k\) = \(4, 3, 3, 3\)",
+    ),
     (dict(bias_rec=torch.randn(4)), ValueError, r"bias_rec must have shape \(3,\)"),
     (dict(h_prev=torch.zeros(1, 4, 7, 5)), ValueError, r"h_prev must have shape .* got \(1, 4, 7, 5\)"),
     (dict(h_alpha=torch.ones(2)), ValueError, "h_alpha must be a float or a 1-element"),

@@ -10,6 +10,7 @@ from torch import nn
 
 import python_ref
 from ptl_fused import BConvCell, BConvCellV2, reset_states
+
 from cells import backend_params
 
 CPU_BACKENDS = backend_params(device_types=("cpu",))

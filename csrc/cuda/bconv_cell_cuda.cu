@@ -3,8 +3,8 @@
 // Math: csrc/cell_math.h; reference: python_ref/bconv_cell.py.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include "../bconv_cell.h"
 #include "../cell_math.h"
@@ -93,16 +93,15 @@ void fwd_epilogue_cuda(const FwdEpilogueArgs& a) {
   const int64_t n = a.c_prev.numel();
   const auto gi = gate_index(a.c_prev, a.channels_last);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.z.scalar_type(),
-                                  "bconv_cell_fwd_cuda", [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    fwd_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
-                                        n, gi, a.z.data_ptr<scalar_t>(), a.c_prev.data_ptr<acc_t>(),
-                                        ptr_or_null<acc_t>(a.h_prev), ptr_or_null<acc_t>(a.h_alpha),
-                                        a.y.data_ptr<scalar_t>(), a.c_new.data_ptr<acc_t>(),
-                                        ptr_or_null<acc_t>(a.h_new));
-                                    C10_CUDA_KERNEL_LAUNCH_CHECK();
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, a.z.scalar_type(), "bconv_cell_fwd_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        fwd_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            n, gi, a.z.data_ptr<scalar_t>(), a.c_prev.data_ptr<acc_t>(),
+            ptr_or_null<acc_t>(a.h_prev), ptr_or_null<acc_t>(a.h_alpha), a.y.data_ptr<scalar_t>(),
+            a.c_new.data_ptr<acc_t>(), ptr_or_null<acc_t>(a.h_new));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 void bwd_epilogue_cuda(const BwdEpilogueArgs& a) {
