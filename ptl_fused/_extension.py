@@ -31,7 +31,8 @@ WITH_CUDA = bool(C is not None and C.WITH_CUDA)
 if LOAD_ERROR is not None:
     warnings.warn(
         f"ptl_fused: {LOAD_ERROR}; the 'cpu' and 'cuda' backends are disabled, 'reference' "
-        "still works. Rebuild with: pip install --no-build-isolation -e .",
+        "(and 'triton' where usable) "
+        "still work. Rebuild with: pip install --no-build-isolation -e .",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -1,11 +1,12 @@
 """The backend registry: one op contract (ptl_fused.ops), several implementations.
 
 A backend supplies the two functional cells for tensors on some device types. ``"auto"``
-takes the first available backend in AUTO_ORDER that runs on the input's device.
+takes the first available backend of AUTO_ORDER[device type].
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,16 +55,48 @@ if _extension.C is not None:
 else:
     _cpp_cell = _cpp_cell_v2 = _no_extension
 
+# Triton runs on CUDA, and on the CPU only in its interpreter (tests; set TRITON_INTERPRET=1
+# before triton is imported).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    from .triton import ops as _triton_ops
+
+    TRITON_ERROR = None
+except ImportError as err:
+    _triton_ops, TRITON_ERROR = None, f"triton cannot be imported ({err})"
+
+
+def _no_triton(*args):
+    raise RuntimeError(f"ptl_fused: {TRITON_ERROR}")
+
+
+def _triton_unavailable() -> str | None:
+    if TRITON_ERROR:
+        return TRITON_ERROR
+    if not TRITON_INTERPRET and not torch.cuda.is_available():
+        return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for tests)"
+    return None
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend(
         "reference", ("cpu", "cuda"), python_ref.bconv_cell, python_ref.bconv_cell_v2, _always
     ),
     "cpu": Backend("cpu", ("cpu",), _cpp_cell, _cpp_cell_v2, _cpu_unavailable),
     "cuda": Backend("cuda", ("cuda",), _cpp_cell, _cpp_cell_v2, _cuda_unavailable),
+    "triton": Backend(
+        "triton",
+        ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",),
+        _triton_ops.bconv_cell if _triton_ops else _no_triton,
+        _triton_ops.bconv_cell_v2 if _triton_ops else _no_triton,
+        _triton_unavailable,
+    ),
 }
 
-# Preference of "auto", fastest first (per device, the first available that runs there).
-AUTO_ORDER = ["cuda", "triton", "cpu", "reference"]
+# Preference of "auto" per device type, first available wins. On CUDA the cuDNN + fused
+# epilogue backend comes first until GPU benchmarks (bench/results/) show Triton ahead; the
+# interpreted Triton is never picked on the CPU.
+AUTO_ORDER = {"cuda": ["cuda", "triton", "reference"], "cpu": ["cpu", "reference"]}
 
 
 def register_backend(backend: Backend) -> None:
@@ -78,9 +111,9 @@ def available_backends() -> list[str]:
 def resolve(backend: str, device: torch.device) -> Backend:
     """The backend to run for tensors on `device`: `backend` itself, or the choice of "auto"."""
     if backend == "auto":
-        for name in AUTO_ORDER:
-            b = BACKENDS.get(name)
-            if b and device.type in b.device_types and b.unavailable() is None:
+        for name in AUTO_ORDER.get(device.type, ["reference"]):
+            b = BACKENDS[name]
+            if device.type in b.device_types and b.unavailable() is None:
                 return b
         raise RuntimeError(f"ptl_fused: no backend runs on {device}")
     b = BACKENDS.get(backend)

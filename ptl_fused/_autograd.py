@@ -1,0 +1,116 @@
+"""Autograd shared by the fused backends (C++ cpu/cuda and Triton).
+
+A fused forward op has the signature of ``ptl_fused::bconv_cell_fwd`` (v2:
+``bconv_cell_v2_fwd``), optionally followed by more non-tensor arguments, and returns
+(y, c_new[, h_new], gates[, x_rec]). Backward = the backend's fused elementwise pass
+(dZ for the four gates, dC_{b-1}[, dH_{b-1}'s aggregation part]) followed by ATen's
+convolution backward (cuDNN/oneDNN) for the inputs and weights, and for v2 the recovery's
+transposed-convolution backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from python_ref import output_padding
+
+
+def conv_backward(grad_out, inp, weight, bias_size, stride, padding, mask, transposed=False, out_pad=(0, 0)):
+    """ATen's convolution backward for the gradients in `mask` (input, weight, bias)."""
+    if not any(mask):
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        grad_out,
+        inp,
+        weight,
+        [bias_size] if mask[2] else None,
+        [stride, stride],
+        [padding, padding],
+        [1, 1],
+        transposed,
+        list(out_pad),
+        1,
+        list(mask),
+    )
+
+
+def setup_cell(ctx, inputs, output):
+    x, weight, bias, c_prev, stride, padding = inputs[:6]
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(x, weight, c_prev, output[2])
+    ctx.conv = (bias is not None, stride, padding)
+
+
+def cell_backward(bwd_epilogue: Callable) -> Callable:
+    """Backward of a v1 forward op; bwd_epilogue(gy, gc, c_prev, gates) -> (dZ, dC_prev)."""
+
+    @once_differentiable  # second derivatives are not implemented: a clear error, not wrong numbers
+    def backward(ctx, grad_y, grad_c_new, _grad_gates):
+        x, weight, c_prev, gates = ctx.saved_tensors
+        has_bias, stride, padding = ctx.conv
+        need = ctx.needs_input_grad
+        grad_z, grad_c_prev = bwd_epilogue(grad_y, grad_c_new, c_prev, gates)
+        gx, gw, gb = conv_backward(
+            grad_z, x, weight, weight.shape[0], stride, padding, (need[0], need[1], has_bias and need[2])
+        )
+        return (gx, gw, gb, grad_c_prev if need[3] else None) + (None,) * (len(need) - 4)
+
+    return backward
+
+
+def setup_cell_v2(ctx, inputs, output):
+    x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding = inputs[:10]
+    gates, x_rec = output[3], output[4]
+    ctx.mark_non_differentiable(gates, x_rec)
+    ctx.save_for_backward(x, weight, weight_rec, c_prev, h_prev, gates, x_rec, h_alpha)
+    ctx.conv = (bias is not None, bias_rec is not None, stride, padding)
+
+
+def cell_v2_backward(bwd_epilogue: Callable) -> Callable:
+    """Backward of a v2 forward op; bwd_epilogue(gy, gc, gh, c_prev, gates, h_alpha) ->
+    (dZ, dC_prev, dH_prev's aggregation part)."""
+
+    @once_differentiable
+    def backward(ctx, grad_y, grad_c_new, grad_h_new, _grad_gates, _grad_x_rec):
+        x, weight, weight_rec, c_prev, h_prev, gates, x_rec, h_alpha = ctx.saved_tensors
+        has_bias, has_bias_rec, stride, padding = ctx.conv
+        need = ctx.needs_input_grad
+        n_x, n_w, n_b, n_wr, n_br, n_c, n_h = need[:7]
+        grad_z, grad_c_prev, grad_h_prev = bwd_epilogue(
+            grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha
+        )
+        need_rec = n_wr or (n_br and has_bias_rec) or n_h
+        cin = x.shape[1]
+        g_cat, gw, gb = conv_backward(
+            grad_z,
+            torch.cat([x, x_rec], dim=1),
+            weight,
+            weight.shape[0],
+            stride,
+            padding,
+            (n_x or need_rec, n_w, has_bias and n_b),
+        )
+        gx = g_cat[:, :cin] if n_x else None
+        gwr = gbr = None
+        if need_rec:
+            k = weight.shape[-1]
+            g_h, gwr, gbr = conv_backward(
+                g_cat[:, cin:],
+                h_prev.to(x.dtype),
+                weight_rec,
+                cin,
+                stride,
+                padding,
+                (n_h, n_wr, has_bias_rec and n_br),
+                transposed=True,
+                out_pad=[output_padding(s, k, stride, padding) for s in x.shape[-2:]],
+            )
+            if g_h is not None:
+                grad_h_prev = grad_h_prev + g_h
+        grads = (gx, gw, gb, gwr, gbr, grad_c_prev if n_c else None, grad_h_prev if n_h else None)
+        return grads + (None,) * (len(need) - 7)
+
+    return backward

@@ -1,0 +1,260 @@
+"""Triton forward of the BConv-Cell: one kernel = implicit-GEMM gate conv + the cell epilogue.
+
+Reference: python_ref.bconv_cell / python_ref.bconv_cell_v2 (this file must match them).
+
+Each program owns BLOCK_M output pixels (of M = B·Ho·Wo) x BLOCK_N channels (of Cout) and
+accumulates the four gates of those channels side by side, so the activations, the state
+update (and v2's hidden aggregation) happen in registers: the (B, 4·Cout, Ho, Wo)
+pre-activations are never written; the activated gates are written only when backward
+needs them (SAVE_GATES). For v2 the K loop runs over two sources, x then the recovered X~,
+so the concatenation [x, X~] is never materialised. Any stride/padding/kernel size; any
+input strides (NCHW or channels_last); fp32 accumulation, fp32 state.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs():
+    if INTERPRET:  # the CPU interpreter: one small tile, no tuning
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (64, 32, 32, 4, 3),
+            (128, 32, 32, 4, 3),
+            (64, 64, 32, 4, 3),
+            (128, 64, 32, 8, 3),
+            (128, 64, 64, 8, 3),
+            (64, 128, 32, 8, 4),
+            (256, 32, 32, 8, 3),
+        ]
+    ]
+
+
+@triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _tanh(v):
+    return 2.0 * _sigmoid(2.0 * v) - 1.0
+
+
+@triton.jit
+def _accumulate(
+    acc_i,
+    acc_f,
+    acc_o,
+    acc_g,
+    src_ptr,
+    w_ptr,
+    b_idx,
+    oh,
+    ow,
+    m_mask,
+    offs_n,
+    n_mask,
+    Cin,
+    H,
+    W,
+    Cout,
+    s_b,
+    s_c,
+    s_h,
+    s_w,
+    w_k_stride,
+    w_k_offset,
+    stride,
+    padding,
+    KS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """acc_gate += im2col(src)[pixels, :] @ W[gate*Cout + n, w_k_offset + :]^T, all four gates."""
+    K = Cin * KS * KS
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        cin = offs_k // (KS * KS)
+        kr = offs_k % (KS * KS)
+        ih = oh[:, None] * stride - padding + (kr // KS)[None, :]
+        iw = ow[:, None] * stride - padding + (kr % KS)[None, :]
+        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(
+            src_ptr + b_idx[:, None] * s_b + cin[None, :] * s_c + ih * s_h + iw * s_w, mask=a_mask, other=0.0
+        )
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        w_col = w_k_offset + offs_k[:, None]
+        w_i = tl.load(w_ptr + (0 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
+        w_f = tl.load(w_ptr + (1 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
+        w_o = tl.load(w_ptr + (2 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
+        w_g = tl.load(w_ptr + (3 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
+        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_o, acc_g
+
+
+@triton.autotune(configs=_configs(), key=["Cin", "Cout", "Ho", "Wo", "KS", "V2", "SAVE_GATES"])
+@triton.jit
+def bconv_cell_fwd_kernel(
+    x_ptr,
+    xr_ptr,
+    w_ptr,
+    b_ptr,
+    cp_ptr,
+    hp_ptr,
+    alpha_ptr,
+    y_ptr,
+    cn_ptr,
+    hn_ptr,
+    gates_ptr,
+    B,
+    Cin,
+    H,
+    W,
+    Cout,
+    Ho,
+    Wo,
+    stride,
+    padding,
+    sx_b,
+    sx_c,
+    sx_h,
+    sx_w,  # x and X~ (same strides)
+    ss_b,
+    ss_c,
+    ss_h,
+    ss_w,  # every state-shaped tensor: c_prev, h_prev, y, c_new, h_new
+    sg_b,
+    sg_c,
+    sg_h,
+    sg_w,  # gates (B, 4*Cout, Ho, Wo)
+    KS: tl.constexpr,
+    V2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SAVE_GATES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    M = B * Ho * Wo
+    m_mask = offs_m < M
+    n_mask = offs_n < Cout
+    b_idx = offs_m // (Ho * Wo)
+    hw = offs_m % (Ho * Wo)
+    oh = hw // Wo
+    ow = hw % Wo
+
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc_o = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    K = Cin * KS * KS
+    w_k_stride = 2 * K if V2 else K
+    acc_i, acc_f, acc_o, acc_g = _accumulate(
+        acc_i,
+        acc_f,
+        acc_o,
+        acc_g,
+        x_ptr,
+        w_ptr,
+        b_idx,
+        oh,
+        ow,
+        m_mask,
+        offs_n,
+        n_mask,
+        Cin,
+        H,
+        W,
+        Cout,
+        sx_b,
+        sx_c,
+        sx_h,
+        sx_w,
+        w_k_stride,
+        0,
+        stride,
+        padding,
+        KS,
+        BLOCK_K,
+        DOT_PRECISION,
+    )
+    if V2:  # second K source: the recovered X~, weights W[:, Cin:]
+        acc_i, acc_f, acc_o, acc_g = _accumulate(
+            acc_i,
+            acc_f,
+            acc_o,
+            acc_g,
+            xr_ptr,
+            w_ptr,
+            b_idx,
+            oh,
+            ow,
+            m_mask,
+            offs_n,
+            n_mask,
+            Cin,
+            H,
+            W,
+            Cout,
+            sx_b,
+            sx_c,
+            sx_h,
+            sx_w,
+            w_k_stride,
+            K,
+            stride,
+            padding,
+            KS,
+            BLOCK_K,
+            DOT_PRECISION,
+        )
+    if HAS_BIAS:
+        acc_i += tl.load(b_ptr + 0 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        acc_f += tl.load(b_ptr + 1 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        acc_o += tl.load(b_ptr + 2 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        acc_g += tl.load(b_ptr + 3 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
+
+    # The pre-activations are rounded to the compute dtype, as the conv output of the reference.
+    out_dtype = y_ptr.dtype.element_ty
+    gi = _sigmoid(acc_i.to(out_dtype).to(ACC_DTYPE))
+    gf = _sigmoid(acc_f.to(out_dtype).to(ACC_DTYPE))
+    go = _sigmoid(acc_o.to(out_dtype).to(ACC_DTYPE))
+    gg = _tanh(acc_g.to(out_dtype).to(ACC_DTYPE))
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    s_off = b_idx[:, None] * ss_b + offs_n[None, :] * ss_c + oh[:, None] * ss_h + ow[:, None] * ss_w
+    c_prev = tl.load(cp_ptr + s_off, mask=mask, other=0.0).to(ACC_DTYPE)
+    c_new = gf * c_prev + gi * gg
+    y = (go * _tanh(c_new)).to(out_dtype)
+    tl.store(cn_ptr + s_off, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + s_off, y, mask=mask)
+    if V2:
+        alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
+        h_prev = tl.load(hp_ptr + s_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        h_new = h_prev + alpha * (y.to(ACC_DTYPE) - h_prev)
+        tl.store(hn_ptr + s_off, h_new.to(hn_ptr.dtype.element_ty), mask=mask)
+    if SAVE_GATES:
+        g_off = b_idx[:, None] * sg_b + offs_n[None, :] * sg_c + oh[:, None] * sg_h + ow[:, None] * sg_w
+        gstep = Cout * sg_c
+        tl.store(gates_ptr + g_off, gi.to(out_dtype), mask=mask)
+        tl.store(gates_ptr + g_off + gstep, gf.to(out_dtype), mask=mask)
+        tl.store(gates_ptr + g_off + 2 * gstep, go.to(out_dtype), mask=mask)
+        tl.store(gates_ptr + g_off + 3 * gstep, gg.to(out_dtype), mask=mask)

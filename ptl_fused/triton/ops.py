@@ -1,0 +1,218 @@
+"""The ``triton`` backend: custom ops around the Triton kernels, with fake kernels and the
+shared autograd (ptl_fused/_autograd.py). Runs on CUDA tensors, and on CPU tensors in
+Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported; tests only).
+
+Backward: the fused Triton elementwise pass, then ATen's convolution backward (cuDNN) for
+dx/dW/db; a Triton implicit-GEMM backward is not used until a GPU benchmark shows it wins.
+v2's recovery X~ = conv_transpose(H_{b-1}) runs through ATen before the gate kernel, which
+reads x and X~ as two K sources (no concatenation is materialised).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from python_ref import output_padding
+
+from .._autograd import cell_backward, cell_v2_backward, setup_cell, setup_cell_v2
+from .backward import bconv_cell_bwd_kernel
+from .forward import INTERPRET, bconv_cell_fwd_kernel
+
+BWD_BLOCK = 256 if INTERPRET else 1024
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs use TF32 tensor cores on the GPU (tolerance: tests/tolerances.py).
+    return "tf32" if dtype == torch.float32 and not INTERPRET else "ieee"
+
+
+def _out_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[int, int, int, int]:
+    k = weight.shape[-1]
+    ho, wo = ((n + 2 * padding - k) // stride + 1 for n in x.shape[-2:])
+    return x.shape[0], weight.shape[0] // 4, ho, wo
+
+
+def _outputs(x, weight, c_prev, stride, padding, save_gates, v2):
+    """Empty outputs in x's layout: y, c_new, (h_new), gates ((0,) when not saved)."""
+    fmt = suggest_memory_format(x)
+    shape = _out_shape(x, weight, stride, padding)
+    state = dict(dtype=c_prev.dtype, device=x.device, memory_format=fmt)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    gates_shape = (shape[0], 4 * shape[1], *shape[2:]) if save_gates else (0,)
+    gates = torch.empty(gates_shape, dtype=x.dtype, device=x.device)
+    if save_gates:
+        gates = gates.contiguous(memory_format=fmt)
+    outs = [y, torch.empty(shape, **state)]
+    if v2:
+        outs.append(torch.empty(shape, **state))
+    return outs, gates, fmt
+
+
+def _launch_fwd(x, x_rec, weight, bias, c_prev, h_prev, h_alpha, stride, padding, y, c_new, h_new, gates):
+    b, cout, ho, wo = y.shape
+    weight = weight.contiguous()
+    v2 = x_rec is not None
+    ss = y.stride()
+    for t in (c_new, c_prev, h_prev, h_new):
+        assert t is None or t.stride() == ss, "state-shaped tensors must share y's layout"
+    sg = gates.stride() if gates.dim() == 4 else (0, 0, 0, 0)
+    if v2:
+        assert x_rec.stride() == x.stride()
+    grid = lambda meta: (triton.cdiv(b * ho * wo, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+    bconv_cell_fwd_kernel[grid](
+        x, x_rec if v2 else x, weight, bias if bias is not None else weight,
+        c_prev, h_prev if v2 else c_prev, h_alpha if v2 else c_prev,
+        y, c_new, h_new if v2 else c_new, gates if gates.numel() else y,
+        b, x.shape[1], x.shape[2], x.shape[3], cout, ho, wo, stride, padding,
+        *x.stride(), *ss, *sg,
+        KS=weight.shape[-1], V2=v2, HAS_BIAS=bias is not None, SAVE_GATES=gates.numel() > 0,
+        DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc(x.dtype),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("ptl_fused::triton_bconv_cell_fwd", mutates_args=())
+def bconv_cell_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    c_prev: Tensor,
+    stride: int,
+    padding: int,
+    save_gates: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    (y, c_new), gates, fmt = _outputs(x, weight, c_prev, stride, padding, save_gates, v2=False)
+    c_prev = c_prev.contiguous(memory_format=fmt)
+    _launch_fwd(x, None, weight, bias, c_prev, None, None, stride, padding, y, c_new, None, gates)
+    return y, c_new, gates
+
+
+@bconv_cell_fwd.register_fake
+def _(x, weight, bias, c_prev, stride, padding, save_gates):
+    (y, c_new), gates, _ = _outputs(x, weight, c_prev, stride, padding, save_gates, v2=False)
+    return y, c_new, gates
+
+
+def _recover(x, weight_rec, bias_rec, h_prev, stride, padding, fmt):
+    k = weight_rec.shape[-1]
+    out_pad = [output_padding(n, k, stride, padding) for n in x.shape[-2:]]
+    x_rec = torch.nn.functional.conv_transpose2d(
+        h_prev.to(x.dtype), weight_rec, bias_rec, stride, padding, out_pad
+    )
+    return x_rec.contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("ptl_fused::triton_bconv_cell_v2_fwd", mutates_args=())
+def bconv_cell_v2_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_rec: Tensor,
+    bias_rec: Tensor | None,
+    c_prev: Tensor,
+    h_prev: Tensor,
+    h_alpha: Tensor,
+    stride: int,
+    padding: int,
+    save_gates: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    (y, c_new, h_new), gates, fmt = _outputs(x, weight, c_prev, stride, padding, save_gates, v2=True)
+    x = x.contiguous(memory_format=fmt)
+    x_rec = _recover(x, weight_rec, bias_rec, h_prev, stride, padding, fmt)
+    c_prev, h_prev = c_prev.contiguous(memory_format=fmt), h_prev.contiguous(memory_format=fmt)
+    alpha = h_alpha.to(device=x.device, dtype=c_prev.dtype).reshape(1)
+    _launch_fwd(x, x_rec, weight, bias, c_prev, h_prev, alpha, stride, padding, y, c_new, h_new, gates)
+    return y, c_new, h_new, gates, x_rec
+
+
+@bconv_cell_v2_fwd.register_fake
+def _(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, save_gates):
+    (y, c_new, h_new), gates, fmt = _outputs(x, weight, c_prev, stride, padding, save_gates, v2=True)
+    x_rec = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return y, c_new, h_new, gates, x_rec
+
+
+@torch.library.custom_op("ptl_fused::triton_bconv_cell_bwd", mutates_args=())
+def bconv_cell_bwd(
+    grad_y: Tensor | None,
+    grad_c_new: Tensor | None,
+    grad_h_new: Tensor | None,
+    c_prev: Tensor,
+    gates: Tensor,
+    h_alpha: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dZ, dC_prev, dH_prev's aggregation part ((0,) for v1)) from the saved gates."""
+    fmt = suggest_memory_format(gates)
+    v2 = h_alpha is not None
+    c_prev = c_prev.contiguous(memory_format=fmt)
+    grad_z = torch.empty_like(gates, memory_format=fmt)
+    grad_c_prev = torch.empty_like(c_prev, memory_format=fmt)
+    grad_h_prev = torch.empty_like(c_prev, memory_format=fmt) if v2 else c_prev.new_empty(0)
+
+    def prep(t, dtype):
+        return None if t is None else t.to(dtype).contiguous(memory_format=fmt)
+
+    gy, gc, gh = prep(grad_y, gates.dtype), prep(grad_c_new, c_prev.dtype), prep(grad_h_new, c_prev.dtype)
+    n = c_prev.numel()
+    if n:
+        alpha = h_alpha.to(device=c_prev.device, dtype=c_prev.dtype).reshape(1) if v2 else c_prev
+        bconv_cell_bwd_kernel[(triton.cdiv(n, BWD_BLOCK),)](
+            gates, c_prev, gy if gy is not None else c_prev, gc if gc is not None else c_prev,
+            gh if gh is not None else c_prev, alpha, grad_z, grad_c_prev,
+            grad_h_prev if v2 else grad_c_prev,
+            n, c_prev.shape[1], c_prev.shape[2], c_prev.shape[3], *c_prev.stride(), *gates.stride(),
+            HAS_GY=gy is not None, HAS_GC=gc is not None, V2=v2, HAS_GH=gh is not None,
+            ACC_DTYPE=_acc(gates.dtype), BLOCK=BWD_BLOCK,
+        )  # fmt: skip
+    return grad_z, grad_c_prev, grad_h_prev
+
+
+@bconv_cell_bwd.register_fake
+def _(grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha):
+    fmt = suggest_memory_format(gates)
+    grad_c_prev = torch.empty_like(c_prev, memory_format=fmt)
+    grad_h_prev = torch.empty_like(grad_c_prev) if h_alpha is not None else c_prev.new_empty(0)
+    return torch.empty_like(gates, memory_format=fmt), grad_c_prev, grad_h_prev
+
+
+def _bwd_v1(grad_y, grad_c_new, c_prev, gates):
+    grad_z, grad_c_prev, _ = bconv_cell_bwd(grad_y, grad_c_new, None, c_prev, gates, None)
+    return grad_z, grad_c_prev
+
+
+bconv_cell_fwd.register_autograd(cell_backward(_bwd_v1), setup_context=setup_cell)
+bconv_cell_v2_fwd.register_autograd(cell_v2_backward(bconv_cell_bwd), setup_context=setup_cell_v2)
+
+
+def _autocast(device_type: str, *tensors):
+    """Autocast for the custom ops: x, weights and biases in the autocast dtype (float64
+    stays), the states untouched in float32, as the C++ ops' Autocast kernels do."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def bconv_cell(x, weight, bias, c_prev, stride, padding):
+    save = _needs_grad(x, weight, bias, c_prev)
+    x, weight, bias = _autocast(x.device.type, x, weight, bias)
+    y, c_new, _ = bconv_cell_fwd(x, weight, bias, c_prev, stride, padding, save)
+    return y, c_new
+
+
+def bconv_cell_v2(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding):
+    save = _needs_grad(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
+    x, weight, bias, weight_rec, bias_rec = _autocast(x.device.type, x, weight, bias, weight_rec, bias_rec)
+    y, c_new, h_new, _, _ = bconv_cell_v2_fwd(
+        x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, save
+    )
+    return y, c_new, h_new
