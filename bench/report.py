@@ -93,3 +93,11 @@ def _plot(by_group: dict, path: Path, device: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python bench/report.py RESULTS.json: (re)write its .md and .png
+    import json
+    import sys
+
+    for path in sys.argv[1:]:
+        write_report(json.loads(Path(path).read_text()), path)

@@ -39,6 +39,9 @@ def conv_backward(grad_out, inp, weight, bias_size, stride, padding, mask, trans
 
 def setup_cell(ctx, inputs, output):
     x, weight, bias, c_prev, stride, padding = inputs[:6]
+    # Unused outputs (the gates; usually c_new, whose carry is detached) get None, not a
+    # zero-filled gradient the size of the gate tensor.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(x, weight, c_prev, output[2])
     ctx.conv = (bias is not None, stride, padding)
@@ -64,6 +67,7 @@ def cell_backward(bwd_epilogue: Callable) -> Callable:
 def setup_cell_v2(ctx, inputs, output):
     x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding = inputs[:10]
     gates, x_rec = output[3], output[4]
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(gates, x_rec)
     ctx.save_for_backward(x, weight, weight_rec, c_prev, h_prev, gates, x_rec, h_alpha)
     ctx.conv = (bias is not None, bias_rec is not None, stride, padding)

@@ -77,7 +77,25 @@ class _BConvCellBase(nn.Module):
         dtype = state_dtype(x.dtype)
         if not self.training:
             return torch.zeros(shape, dtype=dtype, device=x.device)
-        return carry_state(state, shape, dtype, x.device, self.state_init, name)
+        prev = carry_state(state, shape, dtype, x.device, self.state_init, name)
+        # Under CUDA-graph capture the state is updated in place (_keep), so the op must not
+        # save a view of it for backward.
+        return prev.clone() if _capturing(x) else prev
+
+    def _keep(self, new: tuple[Tensor, ...], x: Tensor) -> None:
+        """Store the new (detached) state. Under CUDA-graph capture it is copied into the
+        existing buffers, so that every replay reads what the previous replay wrote; warm up
+        a few eager steps with the capture's batch size first, as CUDA graphs require."""
+        old = None if self.state is None else _as_tuple(self.state)
+        if (
+            _capturing(x)
+            and old is not None
+            and all(o.shape == n.shape for o, n in zip(old, new, strict=True))
+        ):
+            for o, n in zip(old, new, strict=True):
+                o.copy_(n)
+            return
+        self.state = new[0] if len(new) == 1 else new
 
     def _apply(self, fn, recurse=True):
         # Follow .to(device) / .cuda(), but keep the state's own (float32) precision.
@@ -125,7 +143,7 @@ class BConvCell(_BConvCellBase):
             x, self.weight, self.bias, c_prev, self.stride, self.padding, backend=self.backend
         )
         if self.training:
-            self.state = c_new.detach()
+            self._keep((c_new.detach(),), x)
         return y
 
 
@@ -182,13 +200,12 @@ class BConvCellV2(_BConvCellBase):
         c_state, h_state = self.state if self.state is not None else (None, None)
         c_prev = self._previous(c_state, shape, x, "state[0] (C)")
         h_prev = self._previous(h_state, shape, x, "state[1] (H)")
-        if not self.training:
-            alpha: float | Tensor = 1.0
-        elif self.hidden_momentum is None:
+        # alpha is made on the device (no host-to-device copy: CUDA-graph capturable).
+        if self.training and self.hidden_momentum is None:
             self.num_batches.add_(1)
             alpha = 1.0 / self.num_batches
-        else:
-            alpha = self.hidden_momentum
+        else:  # eval: H_b = y_b, the first batch after a reset
+            alpha = torch.full((), self.hidden_momentum if self.training else 1.0, device=x.device)
         y, c_new, h_new = ops.bconv_cell_v2(
             x,
             self.weight,
@@ -203,7 +220,7 @@ class BConvCellV2(_BConvCellBase):
             backend=self.backend,
         )
         if self.training:
-            self.state = (c_new.detach(), h_new.detach())
+            self._keep((c_new.detach(), h_new.detach()), x)
         return y
 
     def extra_repr(self) -> str:
@@ -216,6 +233,10 @@ def reset_states(model: nn.Module) -> int:
     for m in cells:
         m.reset_state()
     return len(cells)
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _as_tuple(state: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:

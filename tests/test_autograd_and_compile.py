@@ -100,21 +100,22 @@ def test_compile_fullgraph_forward_backward(backend, device, v2):
             torch.testing.assert_close(t.grad, ref_args[name].grad, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
-def test_autocast_bf16_compute_float32_state(backend, device, v2):
-    skip_unsupported(backend, device, torch.bfloat16)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_autocast_low_precision_compute_float32_state(backend, device, v2, low):
+    skip_unsupported(backend, device, low)
     case = CASES[0]
     master = make_inputs(case, v2)
     oracle_out, oracle_grad = forward_backward("oracle", cast_inputs(master, torch.float64, "cpu"), case, v2)
     results = {}
     for who in ("oracle", backend):
         args = cast_inputs(master, torch.float32, device)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=low):
             outs, grads = forward_backward(who, args, case, v2)
         results[who] = outs, grads
     outs, grads = results[backend]
-    assert outs[0].dtype == torch.bfloat16, "y must have the autocast dtype"
+    assert outs[0].dtype == low, "y must have the autocast dtype"
     assert all(o.dtype == torch.float32 for o in outs[1:]), "states must stay float32"
     assert all(g.dtype == torch.float32 for g in grads.values() if g is not None), "grads of fp32 leaves"
     eager_outs, eager_grads = results["oracle"]

@@ -1,0 +1,70 @@
+"""GPU-only checks: CUDA-graph capture/replay of a training step with carried state.
+
+(The equivalence, gradcheck, compile and autocast suites run on the GPU through their
+cuda parametrisations; these are skipped, with the reason, where no GPU is present.)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ptl_fused import BConvCell, BConvCellV2, available_backends
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+GPU_BACKENDS = [b for b in ("cuda", "triton", "reference") if b in available_backends()]
+
+
+def _model(v2: bool, backend: str) -> nn.Module:
+    torch.manual_seed(0)
+    cls = BConvCellV2 if v2 else BConvCell
+    return nn.Sequential(
+        cls(3, 8, padding=1, backend=backend), nn.ReLU(), cls(8, 4, stride=2, padding=1, backend=backend)
+    ).cuda()
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_training_step_carries_state(backend, v2):
+    graphed, eager = _model(v2, backend), None
+    eager = copy.deepcopy(graphed)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    data = [torch.randn(4, 3, 9, 7, device="cuda") for _ in range(8)]
+    static_x = torch.empty_like(data[0])
+
+    def step(model, opt, x):
+        opt.zero_grad(set_to_none=False)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    # Warm-up on a side stream (allocates the state and the grads), as CUDA graphs require.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x in data[:3]:
+            static_x.copy_(x)
+            step(graphed, opt_g, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    for x in data[:3]:
+        step(eager, opt_e, x)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(graphed, opt_g, static_x)
+    for x in data[3:]:
+        static_x.copy_(x)
+        graph.replay()
+        loss = step(eager, opt_e, x)
+        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-5)
+    for cell_g, cell_e in zip(graphed[::2], eager[::2], strict=True):
+        states_g = cell_g.state if isinstance(cell_g.state, tuple) else (cell_g.state,)
+        states_e = cell_e.state if isinstance(cell_e.state, tuple) else (cell_e.state,)
+        for a, b in zip(states_g, states_e, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
