@@ -62,7 +62,7 @@ def _driver() -> str | None:
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     path = getattr(config.option, "benchmark_json", None)
     if path is not None:
-        write_report(output_json, path.name)
+        write_report(output_json, str(path))  # a Path (pytest-benchmark >= 4)
 
 
 def pytest_generate_tests(metafunc):

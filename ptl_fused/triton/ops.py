@@ -4,8 +4,10 @@ Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported; tests on
 
 Backward: the fused Triton elementwise pass, then ATen's convolution backward (cuDNN) for
 dx/dW/db; a Triton implicit-GEMM backward is not used until a GPU benchmark shows it wins.
-v2's recovery X~ = conv_transpose(H_{b-1}) runs through ATen before the gate kernel, which
-reads x and X~ as two K sources (no concatenation is materialised).
+v2: the recovery X~ = conv_transpose(H_{b-1}) is its own implicit-GEMM kernel
+(recovery.py), whose output the gate kernel reads beside x as a second K source (no
+concatenation is materialised). Fusing the recovery into the gate kernel would recompute
+each X~ tile k·k times per output tile; whether that wins is for a GPU benchmark to say.
 """
 
 import torch
@@ -14,11 +16,10 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from python_ref import output_padding
-
 from .._autograd import cell_backward, cell_v2_backward, setup_cell, setup_cell_v2
 from .backward import bconv_cell_bwd_kernel
 from .forward import INTERPRET, bconv_cell_fwd_kernel
+from .recovery import recovery_kernel
 
 BWD_BLOCK = 256 if INTERPRET else 1024
 
@@ -99,12 +100,19 @@ def _(x, weight, bias, c_prev, stride, padding, save_gates):
 
 
 def _recover(x, weight_rec, bias_rec, h_prev, stride, padding, fmt):
-    k = weight_rec.shape[-1]
-    out_pad = [output_padding(n, k, stride, padding) for n in x.shape[-2:]]
-    x_rec = torch.nn.functional.conv_transpose2d(
-        h_prev.to(x.dtype), weight_rec, bias_rec, stride, padding, out_pad
-    )
-    return x_rec.contiguous(memory_format=fmt)
+    """X~ = conv_transpose2d(H_{b-1}) in x's shape and layout (recovery.py)."""
+    b, cin, h, w = x.shape
+    cout, k = weight_rec.shape[0], weight_rec.shape[-1]
+    x_rec = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    weight_rec = weight_rec.contiguous()
+    grid = lambda meta: (triton.cdiv(b * h * w, meta["BLOCK_M"]), triton.cdiv(cin, meta["BLOCK_N"]))  # noqa: E731
+    recovery_kernel[grid](
+        h_prev, weight_rec, bias_rec if bias_rec is not None else weight_rec, x_rec,
+        b, cout, h_prev.shape[2], h_prev.shape[3], cin, h, w, stride, padding,
+        *h_prev.stride(), *x_rec.stride(),
+        KS=k, HAS_BIAS=bias_rec is not None, DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc(x.dtype),
+    )  # fmt: skip
+    return x_rec
 
 
 @torch.library.custom_op("ptl_fused::triton_bconv_cell_v2_fwd", mutates_args=())
