@@ -167,65 +167,17 @@ def bconv_cell_fwd_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     K = Cin * KS * KS
     w_k_stride = 2 * K if V2 else K
+    # fmt: off
     acc_i, acc_f, acc_o, acc_g = _accumulate(
-        acc_i,
-        acc_f,
-        acc_o,
-        acc_g,
-        x_ptr,
-        w_ptr,
-        b_idx,
-        oh,
-        ow,
-        m_mask,
-        offs_n,
-        n_mask,
-        Cin,
-        H,
-        W,
-        Cout,
-        sx_b,
-        sx_c,
-        sx_h,
-        sx_w,
-        w_k_stride,
-        0,
-        stride,
-        padding,
-        KS,
-        BLOCK_K,
-        DOT_PRECISION,
-    )
+        acc_i, acc_f, acc_o, acc_g, x_ptr, w_ptr, b_idx, oh, ow, m_mask, offs_n, n_mask,
+        Cin, H, W, Cout, sx_b, sx_c, sx_h, sx_w, w_k_stride, 0, stride, padding,
+        KS, BLOCK_K, DOT_PRECISION)
     if V2:  # second K source: the recovered X~, weights W[:, Cin:]
         acc_i, acc_f, acc_o, acc_g = _accumulate(
-            acc_i,
-            acc_f,
-            acc_o,
-            acc_g,
-            xr_ptr,
-            w_ptr,
-            b_idx,
-            oh,
-            ow,
-            m_mask,
-            offs_n,
-            n_mask,
-            Cin,
-            H,
-            W,
-            Cout,
-            sx_b,
-            sx_c,
-            sx_h,
-            sx_w,
-            w_k_stride,
-            K,
-            stride,
-            padding,
-            KS,
-            BLOCK_K,
-            DOT_PRECISION,
-        )
+            acc_i, acc_f, acc_o, acc_g, xr_ptr, w_ptr, b_idx, oh, ow, m_mask, offs_n, n_mask,
+            Cin, H, W, Cout, sx_b, sx_c, sx_h, sx_w, w_k_stride, K, stride, padding,
+            KS, BLOCK_K, DOT_PRECISION)
+    # fmt: on
     if HAS_BIAS:
         acc_i += tl.load(b_ptr + 0 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
         acc_f += tl.load(b_ptr + 1 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
