@@ -11,13 +11,15 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from python_ref import conv_output_size
+
 from ._autograd import cell_backward, cell_v2_backward, setup_cell, setup_cell_v2
 
 ops = torch.ops.ptl_fused
 
 
 def _out_hw(x: Tensor, k: int, stride: int, padding: int) -> tuple[int, int]:
-    return tuple((n + 2 * padding - k) // stride + 1 for n in x.shape[-2:])
+    return tuple(conv_output_size(n, k, stride, padding) for n in x.shape[-2:])
 
 
 def _empty(shape, like: Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from python_ref import state_dtype
+from python_ref import conv_output_size, state_dtype
 
 
 def _tensor(name: str, t: object) -> Tensor:
@@ -67,7 +67,7 @@ def check_cell_inputs(
         if _shape(bias) != (4 * cout,):
             raise ValueError(f"bias must have shape ({4 * cout},) = (4*Cout,), got {_shape(bias)}")
         _same_device("bias", bias, x)
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    ho, wo = conv_output_size(h, k, stride, padding), conv_output_size(w, k, stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"x's spatial size {h}x{w} is too small for kernel_size={k} with padding={padding}")
     check_state("c_prev", c_prev, x, (b, cout, ho, wo))

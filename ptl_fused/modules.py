@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from python_ref import STATE_INITS, carry_state, state_dtype
+from python_ref import STATE_INITS, carry_state, conv_output_size, state_dtype
 
 from . import ops
 from .backends import BACKENDS
@@ -70,7 +70,7 @@ class _BConvCellBase(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         k, s, p = self.kernel_size, self.stride, self.padding
-        ho, wo = ((n + 2 * p - k) // s + 1 for n in x.shape[-2:])
+        ho, wo = (conv_output_size(n, k, s, p) for n in x.shape[-2:])
         return x.shape[0], self.out_channels, ho, wo
 
     def _previous(self, state: Tensor | None, shape: tuple[int, ...], x: Tensor, name: str) -> Tensor:

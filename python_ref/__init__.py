@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the BConv-Cell: the oracle every ptl_fused backend is tested against."""
 
-from .bconv_cell import bconv_cell, bconv_cell_v2, output_padding, state_dtype
+from .bconv_cell import bconv_cell, bconv_cell_v2, conv_output_size, output_padding, state_dtype
 from .state import STATE_INITS, carry_state, initial_state
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "bconv_cell",
     "bconv_cell_v2",
     "carry_state",
+    "conv_output_size",
     "initial_state",
     "output_padding",
     "state_dtype",

@@ -20,6 +20,11 @@ def state_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(compute_dtype, torch.float32)
 
 
+def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Ho (or Wo) of the gate convolution, and of the state, for an input size H (or W)."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
 def output_padding(size: int, kernel_size: int, stride: int, padding: int) -> int:
     """output_padding of v2's recovery, so conv_transpose gives back x's spatial size."""
     return (size + 2 * padding - kernel_size) % stride

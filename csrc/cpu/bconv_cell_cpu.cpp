@@ -53,10 +53,7 @@ void run_rows(const Tensor& state, c10::ScalarType dtype, const Args& args, Fn f
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { fn(dtype, args, r0, r1); });
 }
 
-template <typename T = void>
-T* ptr(const Tensor& t) {
-  return t.defined() ? t.data_ptr() : nullptr;
-}
+void* ptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 double alpha_of(const Tensor& h_alpha) { return h_alpha.defined() ? h_alpha.item<double>() : 0.0; }
 

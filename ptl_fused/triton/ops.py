@@ -16,6 +16,8 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from python_ref import conv_output_size
+
 from .._autograd import cell_backward, cell_v2_backward, setup_cell, setup_cell_v2
 from .backward import bconv_cell_bwd_kernel
 from .forward import INTERPRET, bconv_cell_fwd_kernel
@@ -35,7 +37,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _out_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[int, int, int, int]:
     k = weight.shape[-1]
-    ho, wo = ((n + 2 * padding - k) // stride + 1 for n in x.shape[-2:])
+    ho, wo = (conv_output_size(n, k, stride, padding) for n in x.shape[-2:])
     return x.shape[0], weight.shape[0] // 4, ho, wo
 
 
