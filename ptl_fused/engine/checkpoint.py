@@ -1,0 +1,148 @@
+"""Checkpoints: written atomically, read back with clear errors, RNG states included.
+
+A checkpoint holds the model, optimizer, LR scheduler and GradScaler states, the stage and
+epoch just finished, the RNG states (python, numpy, torch, cuda) and the config. The cells'
+carried state is *not* saved: it is reset at the start of every epoch (DESIGN.md §1), and a
+checkpoint is written at an epoch's end, so a resumed run starts its next epoch from the same
+(initial) state as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "ptl_fused.engine.checkpoint/1"
+# What must agree between a checkpoint and the model it is loaded into.
+IDENTITY_KEYS = ("arch", "cell", "head", "num_classes")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or that belongs to another model."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash at
+    any moment leaves either the old file or the new one, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def capture_rng() -> dict:
+    """Every RNG the training loop draws from, in a form torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    scaler: Any,
+    stage: int,
+    epoch: int,
+    meta: dict,
+    config: dict,
+    history: list[dict],
+    previous_stages: list[dict] = (),
+) -> None:
+    """Write the state after `epoch` (1-based, completed) of `stage`. meta: IDENTITY_KEYS;
+    previous_stages: the results of the stages before this one (sequential fine-tuning)."""
+    atomic_save(
+        {
+            "format": FORMAT,
+            "meta": meta,
+            "stage": stage,
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": capture_rng(),
+            "config": config,
+            "history": history,
+            "previous_stages": list(previous_stages),
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
+    """Read a checkpoint onto the CPU; a truncated/corrupt file, or one whose IDENTITY_KEYS
+    differ from `expect`, raises CheckpointError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged zip/pickle
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (truncated or corrupt file?): {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a ptl_fused engine checkpoint (expected a dict with format={FORMAT!r})"
+        )
+    if expect is not None:
+        check_identity(ckpt, path, expect)
+    return ckpt
+
+
+def check_identity(ckpt: dict, path: str | Path, expect: dict) -> None:
+    diffs = [
+        f"{k}: checkpoint has {ckpt['meta'].get(k)!r}, this run has {expect[k]!r}"
+        for k in IDENTITY_KEYS
+        if k in expect and ckpt["meta"].get(k) != expect[k]
+    ]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was saved for another model; " + "; ".join(diffs))
+
+
+def load_model_state(model: nn.Module, state: dict, path: str | Path) -> None:
+    """load_state_dict(strict) with the file named in the error."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from e

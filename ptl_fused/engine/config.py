@@ -1,0 +1,229 @@
+"""Experiment configuration: a nested dict of defaults (the paper's protocol), YAML files and
+``key.sub=value`` command-line overrides, validated so that a typo stops the run.
+
+The defaults follow DESIGN.md §1 "Paper protocol": SGD with momentum 0.9, lr 0.01 divided by
+10 every 10 epochs, 50 epochs, ReID images 256x128, cross-entropy. A YAML file only states what
+differs from them.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "name": "experiment",
+    "job": "train",  # "train": one run (or a list of stages); "digits_transfer": the main job
+    "out": "runs/experiment",
+    "seed": 0,
+    "deterministic": False,  # torch.use_deterministic_algorithms(True)
+    "device": "auto",  # auto | cpu | cuda
+    "amp": "bf16",  # bf16 | fp16 | off; always off on the CPU
+    "data": {
+        # digits | cifar10 | cifar100 | market1501 | dukemtmc | msmt17 | cuhk03
+        "name": "market1501",
+        "root": None,  # local dataset folder (nothing downloads)
+        "height": 256,
+        "width": 128,
+        "augment": True,  # CIFAR "+": pad 4, random crop, flip; ReID: flip, pad, crop
+        "batch_size": 32,
+        "num_instances": 4,  # images per identity in a PK batch (triplet loss)
+        "num_workers": 2,
+        "classes": None,  # digits: the classes to use (relabelled 0..n-1); None = all
+        "shots": None,  # digits: training images per class; None = all of the training half
+    },
+    "model": {
+        "arch": "resnet50",  # resnet50 | densenet161 | mgn | densenet100 | digits
+        "cell": "v1",  # v1 | v2 | null (plain backbone, the baseline)
+        "head": "reid",  # reid | classification
+        "backend": "auto",
+        "pretrained": None,  # local torchvision state dict for the backbone
+        "kwargs": {},  # passed on to ptl_fused.models.build_model
+    },
+    "optim": {
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "nesterov": False,
+        "epochs": 50,
+        "step_size": 10,  # lr x gamma every step_size epochs
+        "gamma": 0.1,
+    },
+    "loss": {
+        "label_smoothing": 0.0,
+        "triplet": False,  # MGN: cross-entropy + triplet (then batches are P identities x K images)
+        "margin": 0.3,
+        "soft_margin": False,
+    },
+    "std": {
+        "teacher": None,  # path of a PTL checkpoint written by this engine; set = distillation
+        "lam": 0.8,  # L = (1 - lam) CE + lam L1(student feature, teacher feature)
+    },
+    # Sequential fine-tuning: a list of overrides (sections data/optim/loss/std/eval), one per
+    # dataset, run in order; each stage gets a new classifier, backbone and cells are kept.
+    "stages": [],
+    "ddp": {"state_sync": "none"},  # none | mean: all-reduce the cells' states after each step
+    "eval": {"every": 1, "flip": False, "normalize": True},  # every: epochs between evals (0 = end)
+    "train": {"max_batches": None, "progress": True, "tensorboard": True},
+    # Overrides applied by --quick (a smoke run); a YAML file may set its own.
+    "quick": {"optim.epochs": 1, "train.max_batches": 2, "data.num_workers": 0},
+    "digits": {  # the main job (job: digits_transfer)
+        "pretrain_classes": [0, 1, 2, 3, 4],
+        "transfer_classes": [5, 6, 7, 8, 9],
+        "shots": 5,
+        "pretrain_epochs": 10,
+        "transfer_epochs": 20,
+        "methods": ["baseline", "ptl", "ptl_v2", "std"],
+        "seeds": [0, 1, 2],
+    },
+}
+
+CHOICES: dict[str, tuple] = {
+    "job": ("train", "digits_transfer"),
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("bf16", "fp16", "off"),
+    "data.name": ("digits", "cifar10", "cifar100", "market1501", "dukemtmc", "msmt17", "cuhk03"),
+    "model.cell": ("v1", "v2", None),
+    "model.head": ("reid", "classification"),
+    "ddp.state_sync": ("none", "mean"),
+}
+FREE_FORM = {"model.kwargs", "quick"}  # dicts whose keys are not checked here
+STAGE_SECTIONS = ("data", "optim", "loss", "std", "eval")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def config_dir() -> Path:
+    """The folder of the bundled YAML files (ptl_fused/configs)."""
+    return Path(str(resources.files("ptl_fused") / "configs"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or the name of a bundled config ("digits" or "digits.yaml")."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = config_dir() / (path.name if path.suffix else f"{path.name}.yaml")
+    if bundled.is_file():
+        return bundled
+    names = sorted(p.stem for p in config_dir().glob("*.yaml"))
+    raise ConfigError(f"config file {str(name)!r} not found; bundled configs: {', '.join(names)}")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple = (), quick: bool = False
+) -> dict:
+    """Defaults, then the YAML file (if any), then --quick, then ``key.sub=value`` overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = resolve_config_path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        merge(cfg, data, where=str(path))
+    if quick:
+        for key, value in cfg["quick"].items():
+            set_key(cfg, key, value, where="quick")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        set_key(cfg, key.strip(), yaml.safe_load(text), where="command line")
+    validate(cfg)
+    return cfg
+
+
+def merge(cfg: dict, update: dict, where: str, prefix: str = "") -> None:
+    """Merge `update` into `cfg` in place; a key the schema lacks is a ConfigError."""
+    for key, value in update.items():
+        full = f"{prefix}{key}"
+        if key not in cfg:
+            raise ConfigError(f"{where}: unknown key {full!r}; valid keys here: {', '.join(sorted(cfg))}")
+        if isinstance(cfg[key], dict) and full not in FREE_FORM:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {full!r} must be a mapping, got {value!r}")
+            merge(cfg[key], value, where, f"{full}.")
+        else:
+            cfg[key] = copy.deepcopy(value)
+
+
+def set_key(cfg: dict, dotted: str, value: Any, where: str) -> None:
+    """cfg[a][b] = value for dotted = "a.b" (the key must exist)."""
+    *parents, last = dotted.split(".")
+    update: Any = value
+    for part in reversed([*parents, last]):
+        update = {part: update}
+    merge(cfg, update, where)
+
+
+def get(cfg: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Check types against the defaults and the fixed choices; raises ConfigError."""
+    _check_types(cfg, DEFAULTS, "")
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {get(cfg, key)!r}")
+    if not 0.0 <= cfg["std"]["lam"] <= 1.0:
+        raise ConfigError(f"std.lam must be in [0, 1], got {cfg['std']['lam']}")
+    for i, stage in enumerate(cfg["stages"]):
+        if not isinstance(stage, dict):
+            raise ConfigError(f"stages[{i}] must be a mapping of sections, got {stage!r}")
+        bad = set(stage) - set(STAGE_SECTIONS)
+        if bad:
+            raise ConfigError(
+                f"stages[{i}]: unknown sections {sorted(bad)}; a stage may set {', '.join(STAGE_SECTIONS)}"
+            )
+        validate(stage_config(cfg, i))
+
+
+def stage_config(cfg: dict, index: int) -> dict:
+    """The config of stage `index`: the top level with the stage's sections merged in."""
+    out = copy.deepcopy(cfg)
+    out["stages"] = []
+    if cfg["stages"]:
+        merge(out, cfg["stages"][index], where=f"stages[{index}]")
+    return out
+
+
+def num_stages(cfg: dict) -> int:
+    return max(1, len(cfg["stages"]))
+
+
+def _check_types(cfg: dict, ref: dict, prefix: str) -> None:
+    for key, default in ref.items():
+        full, value = f"{prefix}{key}", cfg[key]
+        if isinstance(default, dict) and full not in FREE_FORM:
+            _check_types(value, default, f"{full}.")
+        elif default is None or value is None and full in _NULLABLE:
+            continue
+        elif isinstance(default, bool) or isinstance(value, bool):
+            if not (isinstance(default, bool) and isinstance(value, bool)):
+                raise ConfigError(f"{full} must be {type(default).__name__}, got {value!r}")
+        elif isinstance(default, float):
+            try:  # YAML reads "5e-4" (no dot) as a string
+                cfg[key] = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{full} must be a number, got {value!r}") from None
+        elif not isinstance(value, type(default)):
+            raise ConfigError(f"{full} must be {type(default).__name__}, got {value!r}")
+
+
+_NULLABLE = {"model.cell"}
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

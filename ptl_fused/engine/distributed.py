@@ -1,0 +1,55 @@
+"""torchrun support: process group set-up (NCCL on GPU, gloo on CPU) and the optional
+all-reduce of the cells' carried states (ddp.state_sync: mean)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ptl_fused import BConvCell, BConvCellV2
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1) or already joined."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def cells(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (BConvCell, BConvCellV2))]
+
+
+def sync_cell_states(model: nn.Module, world: int) -> None:
+    """Replace every cell's state by its mean over the ranks (in place), so that the state
+    summarises the global batch. Each rank's batch must have the same size (drop_last)."""
+    for cell in cells(model):
+        if cell.state is None:
+            continue
+        for t in (cell.state,) if isinstance(cell.state, torch.Tensor) else cell.state:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(world)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()

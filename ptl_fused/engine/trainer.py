@@ -1,0 +1,355 @@
+"""The training loop: stages (sequential fine-tuning), epochs with the PTL state rules, AMP,
+DDP, evaluation, logs and atomic per-epoch checkpoints with exact resume.
+
+State rules (DESIGN.md §1): every training epoch starts with ptl_fused.reset_states(model);
+evaluation is plain model.eval(), where the cells carry nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from ptl_fused import reset_states
+
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    check_identity,
+    load_checkpoint,
+    load_model_state,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import dump, num_stages, stage_config
+from .data import Task, build_task
+from .distributed import DistInfo, barrier, init_distributed, sync_cell_states
+from .logs import EpochLog
+from .losses import ClassificationLoss, DistillationLoss
+
+ModelFactory = Callable[[dict, int], nn.Module]
+
+
+def build_model_from_config(model_cfg: dict, num_classes: int) -> nn.Module:
+    """ptl_fused.models.build_model with the config's model section."""
+    from ptl_fused.models import build_model
+
+    return build_model(
+        model_cfg["arch"],
+        num_classes,
+        cell=model_cfg["cell"],
+        head=model_cfg["head"],
+        backend=model_cfg["backend"],
+        pretrained=model_cfg["pretrained"],
+        **model_cfg["kwargs"],
+    )
+
+
+def identity(cfg: dict, num_classes: int) -> dict:
+    """What a checkpoint must match to be loaded into this run's model."""
+    m = cfg["model"]
+    return {"arch": m["arch"], "cell": m["cell"], "head": m["head"], "num_classes": num_classes}
+
+
+def stage_folder(cfg: dict, stage: int) -> Path:
+    out = Path(cfg["out"])
+    if num_stages(cfg) == 1:
+        return out
+    return out / f"stage{stage + 1}-{stage_config(cfg, stage)['data']['name']}"
+
+
+def find_resume(cfg: dict, resume: str | None) -> Path | None:
+    """--resume PATH, or 'auto': the last stage's last.pt under cfg['out'] (None: start afresh)."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    found = [stage_folder(cfg, s) / "last.pt" for s in range(num_stages(cfg))]
+    found = [p for p in found if p.is_file()]
+    return found[-1] if found else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(cfg: dict, info: DistInfo) -> torch.device:
+    want = cfg["device"]
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def run(
+    cfg: dict, resume: str | None = None, build: ModelFactory | None = None, verbose: bool = True
+) -> dict:
+    """Train every stage of `cfg` in order (one stage unless cfg['stages'] lists several).
+
+    Returns {"out": folder, "stages": [{"dataset", "num_classes", "history", "final", ...}]};
+    rank 0 also writes config.yaml and results.json into cfg['out']. build(model_cfg,
+    num_classes) makes the network (default: ptl_fused.models.build_model).
+    """
+    build = build or build_model_from_config
+    device_kind = (
+        "cuda"
+        if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    info = init_distributed(device_kind)
+    device = pick_device(cfg, info)
+    if cfg["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    out = Path(cfg["out"])
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump(cfg))
+    ckpt_path = find_resume(cfg, resume)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    first = ckpt["stage"] if ckpt is not None else 0
+    if ckpt is not None and not 0 <= first < num_stages(cfg):
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} is from stage {first}; this config has {num_stages(cfg)}"
+        )
+    results = list(ckpt.get("previous_stages", [])) if ckpt is not None else []
+    model = None
+    for s in range(first, num_stages(cfg)):
+        scfg = stage_config(cfg, s)
+        seed_everything(scfg["seed"] + info.rank)  # DDP broadcasts rank 0's initial weights
+        task = build_task(scfg, device)
+        if model is None:
+            model = build(scfg["model"], task.num_classes)
+        else:  # sequential fine-tuning: a new classifier, the backbone and cells are kept
+            model.reset_classifier(task.num_classes)
+        model.to(device)
+        resume_here = (ckpt, ckpt_path) if s == first and ckpt is not None else None
+        result = train_stage(
+            model, task, scfg, s, stage_folder(cfg, s), device, info, resume_here, build, results, verbose
+        )
+        results.append(result)
+    if info.is_main:
+        (out / "results.json").write_text(json.dumps({"config": cfg, "stages": results}, indent=2))
+    return {"out": str(out), "stages": results}
+
+
+def make_criterion(
+    cfg: dict, task: Task, model: nn.Module, device: torch.device, build: ModelFactory
+) -> nn.Module:
+    base = task.criterion or ClassificationLoss(cfg["loss"]["label_smoothing"])
+    teacher_path = cfg["std"]["teacher"]
+    if teacher_path is None:
+        return base
+    teacher = load_teacher(teacher_path, build, device)
+    t_dim, s_dim = getattr(teacher, "feature_dim", None), getattr(model, "feature_dim", None)
+    if t_dim is not None and s_dim is not None and t_dim != s_dim:
+        raise ValueError(
+            f"STD: teacher {teacher_path} has feature_dim {t_dim}, the student {s_dim}; they must match"
+        )
+    return DistillationLoss(base, teacher, cfg["std"]["lam"])
+
+
+def load_teacher(path: str | Path, build: ModelFactory, device: torch.device) -> nn.Module:
+    """A trained network from an engine checkpoint, frozen and in eval mode (no state carry)."""
+    ckpt = load_checkpoint(path)
+    teacher = build(ckpt["config"]["model"], ckpt["meta"]["num_classes"])
+    load_model_state(teacher, ckpt["model"], path)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def make_train_loader(task: Task, cfg: dict, info: DistInfo, device: torch.device):
+    """The order of the batches is a function of (seed, epoch) only (sampler.set_epoch), so a
+    resumed run sees the same batches as an uninterrupted one."""
+    d = cfg["data"]
+    if task.pk_sampling:
+        from ptl_fused.reid import PKSampler
+
+        sampler = PKSampler(
+            task.train_labels,
+            p=max(1, d["batch_size"] // d["num_instances"]),
+            k=d["num_instances"],
+            seed=cfg["seed"],
+            num_replicas=info.world,
+            rank=info.rank,
+        )
+    else:
+        sampler = DistributedSampler(
+            task.train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=cfg["seed"]
+        )
+    # A last batch of one image breaks BatchNorm in training: drop it, keep the others.
+    drop_last = len(sampler) % d["batch_size"] == 1
+    loader = DataLoader(
+        task.train_set,
+        batch_size=d["batch_size"],
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=d["num_workers"],
+        pin_memory=device.type == "cuda",
+    )
+    return loader, sampler
+
+
+def train_stage(
+    model: nn.Module,
+    task: Task,
+    cfg: dict,
+    stage: int,
+    folder: Path,
+    device: torch.device,
+    info: DistInfo,
+    resume: tuple[dict, Path] | None,
+    build: ModelFactory,
+    previous: list[dict],
+    verbose: bool = True,
+) -> dict:
+    """Train one dataset for cfg['optim']['epochs'] epochs; returns its history and results."""
+    o, ident = cfg["optim"], identity(cfg, task.num_classes)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"]
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o["step_size"], gamma=o["gamma"])
+    amp_dtype = None
+    if device.type == "cuda" and cfg["amp"] != "off":
+        amp_dtype = torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    autocast = partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    criterion = make_criterion(cfg, task, model, device, build)
+    history: list[dict] = []
+    start = 0
+    if resume is not None:
+        ckpt, path = resume
+        check_identity(ckpt, path, ident)
+        load_model_state(model, ckpt["model"], path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        history, start = list(ckpt["history"]), ckpt["epoch"]
+    net = model
+    if info.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loader, sampler = make_train_loader(task, cfg, info, device)
+    log = EpochLog(folder, cfg["train"]["tensorboard"]) if info.is_main else None
+    if resume is not None:
+        restore_rng(resume[0]["rng"])  # last: building the loader etc. must not disturb it
+    epochs, every = o["epochs"], cfg["eval"]["every"]
+    sync = cfg["ddp"]["state_sync"] == "mean" and info.world > 1
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row |= train_epoch(
+            net,
+            model,
+            loader,
+            sampler,
+            criterion,
+            optimizer,
+            scaler,
+            autocast,
+            device,
+            info,
+            cfg,
+            epoch,
+            sync,
+        )
+        scheduler.step()
+        if info.is_main and ((every > 0 and (epoch + 1) % every == 0) or epoch + 1 == epochs):
+            model.eval()  # the cells carry nothing in eval mode
+            row |= {f"test_{k}": v for k, v in task.evaluate(model, device, autocast).items()}
+            model.train()
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        history.append(row)
+        if info.is_main:
+            log.write(history)
+            save_checkpoint(
+                folder / "last.pt",
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                stage=stage,
+                epoch=epoch + 1,
+                meta=ident,
+                config=cfg,
+                history=history,
+                previous_stages=previous,
+            )
+            if verbose:
+                tqdm.write(f"[{task.name}] " + "  ".join(_fmt(k, v) for k, v in row.items()))
+        barrier(info)
+    result = {
+        "stage": stage,
+        "dataset": task.name,
+        "num_classes": task.num_classes,
+        "folder": str(folder),
+        "history": history,
+        "final": {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("test_")},
+        "main_metric": f"test_{task.main_metric}",
+        "info": task.info,
+    }
+    if info.is_main:
+        log.close(history, f"{task.name}: {ident['arch']} cell={ident['cell']}")
+        # The trained weights alone, without optimizer or teacher (an STD student is a plain model).
+        atomic_save(model.state_dict(), folder / "weights.pt")
+    return result
+
+
+def train_epoch(
+    net, model, loader, sampler, criterion, optimizer, scaler, autocast, device, info, cfg, epoch, sync
+) -> dict:
+    """One pass over the training data; returns the mean loss and accuracy (%) over all ranks."""
+    reset_states(model)  # state rule: each training epoch starts from the initial state
+    model.train()
+    sampler.set_epoch(epoch)
+    max_batches = cfg["train"]["max_batches"]
+    total = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg['optim']['epochs']}",
+        disable=not (cfg["train"]["progress"] and info.is_main),
+        leave=False,
+        total=min(len(loader), max_batches) if max_batches else len(loader),
+    )
+    for i, batch in enumerate(bar):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast():
+            out = net(x)
+            loss = criterion(out, y, x)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if sync:
+            sync_cell_states(model, info.world)
+        correct = (out.logits[0].argmax(1) == y).sum().item()
+        total += torch.tensor([loss.item() * len(y), correct, len(y)], dtype=torch.float64)
+        bar.set_postfix(loss=f"{total[0] / total[2]:.4f}", acc=f"{100 * total[1] / total[2]:.1f}%")
+    if info.world > 1:
+        dist.all_reduce(total)
+    n = max(total[2].item(), 1.0)
+    return {"train_loss": total[0].item() / n, "train_accuracy": 100.0 * total[1].item() / n}
+
+
+def _fmt(k: str, v) -> str:
+    return f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

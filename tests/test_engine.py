@@ -1,0 +1,386 @@
+"""Training engine: config, one epoch, the state rules through the model, exact resume,
+checkpoint errors, sequential fine-tuning and STD, with a tiny stand-in network on digits."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ptl_fused.engine.trainer as trainer
+from ptl_fused import BConvCell, BConvCellV2
+from ptl_fused.engine import CheckpointError, ConfigError, load_checkpoint, load_config, run
+from ptl_fused.engine.config import config_dir
+from ptl_fused.engine.losses import ClassificationLoss, DistillationLoss
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only contend on the shared 2-core machine (100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+Out = namedtuple("Out", "feature logits embeddings")  # the models' ModelOutput contract
+
+
+class TinyNet(nn.Module):
+    """Stand-in for build_model("digits", ...): conv, an optional cell, feature, classifier."""
+
+    def __init__(self, num_classes: int, cell: str | None = "v1", dropout: float = 0.2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        cells = {"v1": BConvCell, "v2": BConvCellV2}
+        self.cell = cells[cell](4, 4, kernel_size=3, padding=1) if cell else None
+        self.feature_dim = 8
+        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * 8 * 8, 8))
+        self.classifier = nn.Linear(8, num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.cell is not None:
+            h = h + self.cell(h)
+        f = self.embed(h)
+        return Out(f, (self.classifier(f),), (f,))
+
+
+def tiny_build(model_cfg: dict, num_classes: int) -> nn.Module:
+    return TinyNet(num_classes, model_cfg["cell"])
+
+
+def digits_cfg(tmp_path: Path, *overrides: str) -> dict:
+    base = [
+        f"out={tmp_path / 'run'}",
+        "data.name=digits",
+        "data.classes=[0,1,2]",
+        "data.shots=12",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "model.arch=tiny",
+        "model.head=classification",
+        "optim.epochs=2",
+        "optim.step_size=1",
+        "optim.lr=0.05",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_paper_protocol():
+    cfg = load_config()
+    o = cfg["optim"]
+    assert (o["lr"], o["momentum"], o["epochs"], o["step_size"], o["gamma"]) == (0.01, 0.9, 50, 10, 0.1)
+    assert (cfg["data"]["height"], cfg["data"]["width"]) == (256, 128)
+    assert cfg["std"]["lam"] == 0.8
+
+
+def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones():
+    cfg = load_config(None, ["optim.lr=3e-3", "model.cell=null", "data.classes=[1, 2]", "seed=7"])
+    assert cfg["optim"]["lr"] == pytest.approx(0.003) and cfg["model"]["cell"] is None
+    assert cfg["data"]["classes"] == [1, 2] and cfg["seed"] == 7
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr'.*valid keys here: .*lr.*momentum"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="optim.epochs must be int"):
+        load_config(None, ["optim.epochs=ten"])
+    with pytest.raises(ConfigError, match="amp must be one of"):
+        load_config(None, ["amp=fp8"])
+    with pytest.raises(ConfigError, match=r"stages\[0\]: unknown sections \['model'\]"):
+        load_config(None, ["stages=[{model: {cell: v2}}]"])
+
+
+def test_every_bundled_config_loads():
+    names = sorted(p.stem for p in config_dir().glob("*.yaml"))
+    assert "digits" in names
+    for name in names:
+        load_config(name)
+
+
+def test_missing_dataset_root_names_the_path_and_layout(tmp_path):
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={tmp_path / 'nowhere'}", f"out={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist.*cifar-10-batches-py"):
+        run(cfg, build=tiny_build)
+    cfg = load_config(None, ["data.name=cifar100", f"data.root={tmp_path}", f"out={tmp_path / 'o'}"])
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python"):
+        run(cfg, build=tiny_build)
+
+
+# --- one epoch, state rules ------------------------------------------------------------------
+
+
+def test_one_classification_epoch_writes_logs_checkpoint_and_plot(tmp_path):
+    cfg = digits_cfg(tmp_path, "optim.epochs=1")
+    res = run(cfg, build=tiny_build, verbose=False)
+    folder = Path(res["out"])
+    (stage,) = res["stages"]
+    assert stage["num_classes"] == 3 and len(stage["history"]) == 1
+    row = stage["history"][0]
+    assert 0.0 <= row["test_accuracy"] <= 100.0 and row["test_error"] == pytest.approx(
+        100 - row["test_accuracy"]
+    )
+    assert row["train_loss"] > 0
+    for name in ("log.csv", "curves.png", "last.pt", "weights.pt", "results.json", "config.yaml"):
+        assert (folder / name).is_file(), name
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 1
+
+
+class RecordingCell(BConvCell):
+    """Records, before every forward, whether the model is training and the carried state."""
+
+    log: list
+
+    def forward(self, x):
+        self.log.append((self.training, None if self.state is None else self.state.clone(), x.shape[0]))
+        return super().forward(x)
+
+
+def test_state_reset_at_epoch_start_and_no_carry_in_eval(tmp_path):
+    models = []
+
+    def build(model_cfg, n):
+        m = TinyNet(n, None, dropout=0.0)
+        m.cell = RecordingCell(4, 4, kernel_size=3, padding=1)
+        m.cell.log = []
+        models.append(m)
+        return m
+
+    cfg = digits_cfg(tmp_path, "optim.epochs=2", "eval.every=1")
+    run(cfg, build=build, verbose=False)
+    log = models[0].cell.log
+    batches_per_epoch = -(-36 // 8)  # 3 classes x 12 shots, batch 8 (last batch of 4 kept)
+    n_test = run_test_size(cfg)
+    n_eval = -(-n_test // 8)
+    assert len(log) == 2 * (batches_per_epoch + n_eval)
+    for epoch in range(2):
+        chunk = log[epoch * (batches_per_epoch + n_eval) :][: batches_per_epoch + n_eval]
+        train, evals = chunk[:batches_per_epoch], chunk[batches_per_epoch:]
+        assert all(t for t, _, _ in train) and not any(t for t, _, _ in evals)
+        assert train[0][1] is None, "every training epoch starts from the reset (initial) state"
+        assert all(s is not None and s.abs().sum() > 0 for _, s, _ in train[1:]), "training carries"
+    # No carry in eval, checked on the model's outputs: the test predictions do not depend on
+    # the batch they are in or on what the training left in the cells.
+    model = models[0].eval()
+    x = torch.rand(6, 1, 8, 8)
+    together = model(x).logits[0]
+    alone = torch.cat([model(x[i : i + 1]).logits[0] for i in reversed(range(6))]).flip(0)
+    torch.testing.assert_close(together, alone)
+
+
+def run_test_size(cfg):
+    from ptl_fused.engine.data import digits_split
+
+    return len(digits_split(cfg["data"]["classes"], cfg["data"]["shots"], cfg["seed"])[3])
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, stop_epoch: int) -> None:
+    """Make train_epoch raise when 0-based epoch `stop_epoch` starts (a killed run)."""
+    real = trainer.train_epoch
+
+    def fake(*args):
+        if args[-2] == stop_epoch:
+            raise Interrupt
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "train_epoch", fake)
+
+
+@pytest.mark.parametrize("cell", ["v1", "v2"])
+def test_resume_after_epoch_k_is_bit_identical(tmp_path, monkeypatch, cell):
+    overrides = ("optim.epochs=3", f"model.cell={cell}", "eval.every=2")
+    full = run(digits_cfg(tmp_path / "a", *overrides), build=tiny_build, verbose=False)
+    cfg_b = digits_cfg(tmp_path / "b", *overrides)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(Interrupt):
+            run(cfg_b, build=tiny_build, verbose=False)
+    assert load_checkpoint(Path(cfg_b["out"]) / "last.pt")["epoch"] == 2
+    resumed = run(cfg_b, resume="auto", build=tiny_build, verbose=False)
+    wa = torch.load(Path(full["out"]) / "weights.pt")
+    wb = torch.load(Path(resumed["out"]) / "weights.pt")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert full["stages"][0]["history"][2]["train_loss"] == resumed["stages"][0]["history"][2]["train_loss"]
+    # Without the saved state a fresh run would differ: the check can fail.
+    other = run(digits_cfg(tmp_path / "c", *overrides, "seed=1"), build=tiny_build, verbose=False)
+    wc = torch.load(Path(other["out"]) / "weights.pt")
+    assert not torch.equal(wa["classifier.weight"], wc["classifier.weight"])
+
+
+def test_resume_inside_a_sequential_run(tmp_path, monkeypatch):
+    stages = "stages=[{data: {classes: [0,1,2]}}, {data: {classes: [3,4], shots: 6}, optim: {epochs: 2}}]"
+    full = run(digits_cfg(tmp_path / "a", stages), build=tiny_build, verbose=False)
+    cfg_b = digits_cfg(tmp_path / "b", stages)
+    with monkeypatch.context() as m:
+        real, calls = trainer.train_epoch, []
+
+        def fake(*args):  # the fourth epoch overall: stage 2, epoch 2
+            calls.append(1)
+            if len(calls) == 4:
+                raise Interrupt
+            return real(*args)
+
+        m.setattr(trainer, "train_epoch", fake)
+        with pytest.raises(Interrupt):
+            run(cfg_b, build=tiny_build, verbose=False)
+    resumed = run(cfg_b, resume="auto", build=tiny_build, verbose=False)
+    assert [s["dataset"] for s in resumed["stages"]] == ["digits", "digits"]
+    drop = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert drop(resumed["stages"][0]["history"]) == drop(full["stages"][0]["history"])
+    wa = torch.load(Path(full["stages"][1]["folder"]) / "weights.pt")
+    wb = torch.load(Path(resumed["stages"][1]["folder"]) / "weights.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# --- checkpoint errors -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def trained(tmp_path):
+    cfg = digits_cfg(tmp_path, "optim.epochs=1")
+    run(cfg, build=tiny_build, verbose=False)
+    return cfg, Path(cfg["out"]) / "last.pt"
+
+
+def test_truncated_and_corrupt_checkpoints_name_the_file(trained, tmp_path):
+    cfg, path = trained
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt cannot be read \(truncated or corrupt"):
+        run(cfg, resume=str(bad), build=tiny_build)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
+        load_checkpoint(junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    with pytest.raises(CheckpointError, match="plain.pt is not a ptl_fused engine checkpoint"):
+        load_checkpoint(plain)
+    with pytest.raises(CheckpointError, match="missing.pt does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_mismatched_checkpoint_names_the_file_and_mismatch(trained, tmp_path):
+    cfg, path = trained
+    other_classes = digits_cfg(tmp_path / "x", "data.classes=[0,1,2,3]", "optim.epochs=1")
+    with pytest.raises(
+        CheckpointError,
+        match=r"last.pt was saved for another model; num_classes: checkpoint has 3, this run has 4",
+    ):
+        run(other_classes, resume=str(path), build=tiny_build)
+    other_model = digits_cfg(tmp_path / "y", "model.cell=v2", "optim.epochs=1")
+    with pytest.raises(
+        CheckpointError,
+        match=r"last.pt was saved for another model; cell: checkpoint has 'v1', this run has 'v2'",
+    ):
+        run(other_model, resume=str(path), build=tiny_build)
+    other_arch = digits_cfg(tmp_path / "z", "model.arch=resnet50", "optim.epochs=1")
+    with pytest.raises(CheckpointError, match=r"arch: checkpoint has 'tiny', this run has 'resnet50'"):
+        run(other_arch, resume=str(path), build=tiny_build)
+
+
+def test_interrupted_write_keeps_the_last_good_checkpoint(trained, monkeypatch):
+    from ptl_fused.engine import checkpoint
+
+    _, path = trained
+    before = path.read_bytes()
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_save({"x": 1}, path)
+    assert path.read_bytes() == before
+    assert not list(path.parent.glob(".last.pt.tmp-*")), "the temporary file is cleaned up"
+
+
+# --- sequential and STD ----------------------------------------------------------------------
+
+
+def test_sequential_new_classifier_per_dataset_backbone_kept(tmp_path, monkeypatch):
+    built, resets = [], []
+
+    def build(model_cfg, n):
+        m = TinyNet(n, model_cfg["cell"])
+        real = m.reset_classifier
+
+        def reset(k):
+            resets.append((k, m.stem[0].weight.detach().clone()))
+            real(k)
+
+        m.reset_classifier = reset
+        built.append(m)
+        return m
+
+    stages = "stages=[{data: {classes: [0,1,2]}}, {data: {classes: [3,4,5,6], shots: 5}, optim: {epochs: 1}}]"
+    res = run(digits_cfg(tmp_path, stages), build=build, verbose=False)
+    assert len(built) == 1, "one network for the whole sequence"
+    assert [s["num_classes"] for s in res["stages"]] == [3, 4]
+    w1 = torch.load(Path(res["stages"][0]["folder"]) / "weights.pt")
+    (k, stem_at_reset) = resets[0]
+    assert k == 4 and torch.equal(stem_at_reset, w1["stem.0.weight"]), (
+        "stage 2 starts from stage 1's backbone"
+    )
+    w2 = torch.load(Path(res["stages"][1]["folder"]) / "weights.pt")
+    assert w2["classifier.weight"].shape == (4, 8) and w1["classifier.weight"].shape == (3, 8)
+    assert "stage2-digits" in res["stages"][1]["folder"]
+
+
+def test_distillation_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    teacher = TinyNet(3, "v1", dropout=0.0)
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 2, 1, 1])
+    student_out = Out(torch.randn(4, 8), (torch.randn(4, 3),), ())
+    loss = DistillationLoss(ClassificationLoss(), teacher, lam=0.8)(student_out, y, x)
+    t_feat = teacher.eval()(x).feature
+    expected = (
+        0.2 * F.cross_entropy(student_out.logits[0], y) + 0.8 * (student_out.feature - t_feat).abs().mean()
+    )
+    torch.testing.assert_close(loss, expected)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_std_student_has_no_ptl_modules(tmp_path):
+    teacher_cfg = digits_cfg(tmp_path / "teacher", "optim.epochs=1", "model.cell=v1")
+    run(teacher_cfg, build=tiny_build, verbose=False)
+    teacher_ckpt = Path(teacher_cfg["out"]) / "last.pt"
+    students = []
+
+    def build(model_cfg, n):
+        m = tiny_build(model_cfg, n)
+        students.append(m)
+        return m
+
+    cfg = digits_cfg(tmp_path / "student", "optim.epochs=1", "model.cell=null", f"std.teacher={teacher_ckpt}")
+    res = run(cfg, build=build, verbose=False)
+    assert res["stages"][0]["final"]["test_accuracy"] >= 0
+    student, teacher = students  # the student is built first, then the teacher is loaded
+    assert any(isinstance(m, BConvCell) for m in teacher.modules()) and not teacher.training
+    assert not any(isinstance(m, (BConvCell, BConvCellV2)) for m in student.modules())
+    saved = torch.load(Path(cfg["out"]) / "weights.pt")
+    assert saved.keys() == TinyNet(3, None).state_dict().keys(), "the saved student is the plain network"
+    assert not any(k.startswith("cell.") for k in saved)
+    ckpt = load_checkpoint(Path(cfg["out"]) / "last.pt")
+    assert not any(k.startswith("cell.") for k in ckpt["model"]), "no teacher/cell weights in the checkpoint"
