@@ -67,7 +67,10 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
             if method == "std":
                 teacher = str(Path(runs["ptl"][-1]["stages"][1]["folder"]) / "last.pt")
             print(f"-- seed {seed}: {method} ({DESCRIPTIONS[method]})", flush=True)
-            runs[method].append(run(method_config(cfg, method, seed, teacher), resume, build, verbose=False))
+            result = run(method_config(cfg, method, seed, teacher), resume, build, verbose=False)
+            runs[method].append(result)
+            pre, tr = (st["final"]["test_accuracy"] for st in result["stages"])
+            print(f"   test accuracy: pre-training digits {pre:.1f}%, transfer digits {tr:.1f}%", flush=True)
     summary = summarize(cfg, runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
