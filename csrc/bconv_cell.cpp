@@ -111,6 +111,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
   return {y, c_new, h_new, z, x_rec};
 }
 
+Tensor bconv_cell_eval(EvalEpilogue epilogue, const Tensor& x, const Tensor& weight3,
+                       const OptTensor& bias3, const OptTensor& gate_map, int64_t stride,
+                       int64_t padding) {
+  TORCH_CHECK(x.dim() == 4, "ptl_fused: x must be 4-D (B, Cin, H, W), got ", x.sizes());
+  TORCH_CHECK(weight3.dim() == 4 && weight3.size(0) % 3 == 0 && weight3.size(1) == x.size(1),
+              "ptl_fused: the eval weight must be (3*Cout, Cin, k, k) (gates i, o, g), got ",
+              weight3.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() == weight3.scalar_type(),
+              "ptl_fused: x and weight must share a floating dtype");
+  TORCH_CHECK(stride >= 1 && padding >= 0, "ptl_fused: need stride >= 1 and padding >= 0");
+  const auto fmt = x.suggest_memory_format();
+  Tensor z = at::convolution(x, weight3, bias3, {stride, stride}, {padding, padding}, {1, 1}, false,
+                             {0, 0}, 1)
+                 .contiguous(fmt);
+  EvalEpilogueArgs a;
+  a.channels_last = fmt == c10::MemoryFormat::ChannelsLast;
+  a.z = z;
+  if (gate_map.has_value()) {
+    TORCH_CHECK(gate_map->sizes() == z.sizes().slice(1),
+                "ptl_fused: gate_map must be (3*Cout, Ho, Wo) = ", z.sizes().slice(1), ", got ",
+                gate_map->sizes());
+    TORCH_CHECK(gate_map->device() == x.device(), "ptl_fused: gate_map is on ", gate_map->device(),
+                ", x on ", x.device());
+    const Tensor m = gate_map->to(z.scalar_type());
+    // The map follows z's layout without the batch: (3C, Ho, Wo), or (Ho, Wo, 3C) for NHWC.
+    a.gate_map = a.channels_last ? m.permute({1, 2, 0}).contiguous() : m.contiguous();
+  }
+  a.y = at::empty({z.size(0), z.size(1) / 3, z.size(2), z.size(3)}, z.options().memory_format(fmt));
+  if (z.numel() > 0) epilogue(a);
+  return a.y;
+}
+
 namespace {
 
 std::tuple<Tensor, Tensor, Tensor> run_bwd_epilogue(BwdEpilogue epilogue, const OptTensor& grad_y,
@@ -193,6 +225,15 @@ struct Autocast {
     return op.call(cast(x), cast(w), cast(b), cast(w_rec), cast(b_rec), c_prev, h_prev, h_alpha,
                    stride, padding);
   }
+
+  static Tensor eval(const Tensor& x, const Tensor& w3, const OptTensor& b3,
+                     const OptTensor& gate_map, int64_t stride, int64_t padding) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ptl_fused::bconv_cell_eval", "")
+                         .typed<decltype(eval)>();
+    return op.call(cast(x), cast(w3), cast(b3), cast(gate_map), stride, padding);
+  }
 };
 
 }  // namespace
@@ -212,18 +253,25 @@ TORCH_LIBRARY(ptl_fused, m) {
       "bconv_cell_v2_bwd(Tensor? grad_y, Tensor? grad_c_new, Tensor? grad_h_new, "
       "Tensor c_prev, Tensor gates, Tensor h_alpha) -> "
       "(Tensor grad_z, Tensor grad_c_prev, Tensor grad_h_prev)");
+  // Inference from the zero state (no autograd; ptl_fused.ops routes grad-requiring calls to
+  // the full op): weight3/bias3 are the i, o, g rows, gate_map v2's constant share.
+  m.def(
+      "bconv_cell_eval(Tensor x, Tensor weight3, Tensor? bias3, Tensor? gate_map, int stride, "
+      "int padding) -> Tensor y");
 }
 
 TORCH_LIBRARY_IMPL(ptl_fused, AutocastCPU, m) {
   using A = Autocast<c10::DeviceType::CPU>;
   m.impl("bconv_cell_fwd", TORCH_FN(A::fwd));
   m.impl("bconv_cell_v2_fwd", TORCH_FN(A::v2_fwd));
+  m.impl("bconv_cell_eval", TORCH_FN(A::eval));
 }
 
 TORCH_LIBRARY_IMPL(ptl_fused, AutocastCUDA, m) {
   using A = Autocast<c10::DeviceType::CUDA>;
   m.impl("bconv_cell_fwd", TORCH_FN(A::fwd));
   m.impl("bconv_cell_v2_fwd", TORCH_FN(A::v2_fwd));
+  m.impl("bconv_cell_eval", TORCH_FN(A::eval));
 }
 
 }  // namespace ptl_fused

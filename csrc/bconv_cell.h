@@ -6,6 +6,8 @@
 //             overwritten with the activated gates, the only (B, 4C, Ho, Wo) tensor saved.
 //   backward: ONE epilogue pass -> dZ, dC_{b-1} (, dH_{b-1} aggregation part); the
 //             convolution backward is ATen's, called from Python (ptl_fused/_cpp_ops.py).
+//   eval    : the zero-state shortcut (DESIGN.md §5, python_ref/eval_path.py): Z = conv(x)
+//             over the i, o, g rows only (+ v2's precomputed gate map); ONE epilogue -> y.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,8 +37,16 @@ struct BwdEpilogueArgs {
   bool channels_last;
 };
 
+// Eval: z is (B, 3C, Ho, Wo), gates i, o, g; gate_map (undefined, or (3C, Ho, Wo) in z's
+// layout without the batch) is added to z; y is (B, C, Ho, Wo).
+struct EvalEpilogueArgs {
+  Tensor z, gate_map, y;
+  bool channels_last;
+};
+
 using FwdEpilogue = void (*)(const FwdEpilogueArgs&);
 using BwdEpilogue = void (*)(const BwdEpilogueArgs&);
+using EvalEpilogue = void (*)(const EvalEpilogueArgs&);
 
 using OptTensor = std::optional<Tensor>;
 
@@ -60,8 +70,12 @@ std::tuple<Tensor, Tensor, Tensor> bconv_cell_v2_bwd(BwdEpilogue epilogue, const
                                                      const Tensor& c_prev, const Tensor& gates,
                                                      const Tensor& h_alpha);
 
+Tensor bconv_cell_eval(EvalEpilogue epilogue, const Tensor& x, const Tensor& weight3,
+                       const OptTensor& bias3, const OptTensor& gate_map, int64_t stride,
+                       int64_t padding);
+
 // Binds a backend's epilogues into the op bodies above, for TORCH_LIBRARY_IMPL.
-template <FwdEpilogue FE, BwdEpilogue BE>
+template <FwdEpilogue FE, BwdEpilogue BE, EvalEpilogue EE>
 struct Kernels {
   static std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& x, const Tensor& w,
                                                 const OptTensor& b, const Tensor& c_prev,
@@ -83,15 +97,20 @@ struct Kernels {
                                                    const Tensor& gates, const Tensor& h_alpha) {
     return bconv_cell_v2_bwd(BE, gy, gc, gh, c_prev, gates, h_alpha);
   }
+  static Tensor eval(const Tensor& x, const Tensor& w3, const OptTensor& b3,
+                     const OptTensor& gate_map, int64_t stride, int64_t padding) {
+    return bconv_cell_eval(EE, x, w3, b3, gate_map, stride, padding);
+  }
 };
 
-template <FwdEpilogue FE, BwdEpilogue BE>
+template <FwdEpilogue FE, BwdEpilogue BE, EvalEpilogue EE>
 void register_bconv_kernels(torch::Library& m) {
-  using K = Kernels<FE, BE>;
+  using K = Kernels<FE, BE, EE>;
   m.impl("bconv_cell_fwd", TORCH_FN(K::fwd));
   m.impl("bconv_cell_bwd", TORCH_FN(K::bwd));
   m.impl("bconv_cell_v2_fwd", TORCH_FN(K::v2_fwd));
   m.impl("bconv_cell_v2_bwd", TORCH_FN(K::v2_bwd));
+  m.impl("bconv_cell_eval", TORCH_FN(K::eval));
 }
 
 }  // namespace ptl_fused

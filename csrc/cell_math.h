@@ -59,6 +59,12 @@ C10_HOST_DEVICE inline CellPoint<T> cell_forward(T zi, T zf, T zo, T zg, T c_pre
   return p;
 }
 
+// Eval at one point from the zero state: C_b = i * g, so the forget gate is never needed.
+template <typename T>
+C10_HOST_DEVICE inline T cell_eval(T zi, T zo, T zg) {
+  return sigmoid(zo) * tanh_of(sigmoid(zi) * tanh_of(zg));
+}
+
 // Backward at one point from the saved (activated) gates: dy is the total gradient reaching
 // y (v2 adds alpha * dH_b), dc_new the gradient of C_b. C_b is recomputed, not saved.
 template <typename T>

@@ -2,7 +2,8 @@
 
 The forward op returns, beside (y, C_b[, H_b]), the tensors its backward needs: the
 activated gates (written over the convolution's output, so no extra (B, 4C, Ho, Wo)
-buffer) and, for v2, the recovered X~ (autograd: ptl_fused/_autograd.py).
+buffer) and, for v2, the recovered X~ (autograd: ptl_fused/_autograd.py). The eval op has
+no autograd: ptl_fused.ops only calls it when no input needs a gradient.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def _(grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha):
     return grad_z, grad_c_prev, torch.empty_like(grad_c_prev)
 
 
+@torch.library.register_fake("ptl_fused::bconv_cell_eval")
+def _(x, weight3, bias3, gate_map, stride, padding):
+    hw = _out_hw(x, weight3.shape[-1], stride, padding)
+    return _empty((x.shape[0], weight3.shape[0] // 3, *hw), x, x.dtype, suggest_memory_format(x))
+
+
 torch.library.register_autograd(
     "ptl_fused::bconv_cell_fwd",
     cell_backward(ops.bconv_cell_bwd),
@@ -86,3 +93,7 @@ def bconv_cell_v2(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding
     )
     return y, c_new, h_new
+
+
+def bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding):
+    return ops.bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding)

@@ -33,14 +33,14 @@ def check_cell_inputs(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    c_prev: Tensor,
+    c_prev: Tensor | None,
     stride: int,
     padding: int,
     *,
     v2: bool = False,
 ) -> tuple[int, int, int]:
-    """Checks x, weight, bias, c_prev, stride, padding; returns (Cout, Ho, Wo)."""
-    x, weight, c_prev = _tensor("x", x), _tensor("weight", weight), _tensor("c_prev", c_prev)
+    """Checks x, weight, bias, c_prev (None: the zero state), stride, padding; returns (Cout, Ho, Wo)."""
+    x, weight = _tensor("x", x), _tensor("weight", weight)
     _int("stride", stride, 1)
     _int("padding", padding, 0)
     if x.dim() != 4:
@@ -70,7 +70,8 @@ def check_cell_inputs(
     ho, wo = conv_output_size(h, k, stride, padding), conv_output_size(w, k, stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"x's spatial size {h}x{w} is too small for kernel_size={k} with padding={padding}")
-    check_state("c_prev", c_prev, x, (b, cout, ho, wo))
+    if c_prev is not None:
+        check_state("c_prev", c_prev, x, (b, cout, ho, wo))
     return cout, ho, wo
 
 
@@ -92,11 +93,13 @@ def check_v2_inputs(
     weight: Tensor,
     weight_rec: Tensor,
     bias_rec: Tensor | None,
-    h_prev: Tensor,
+    h_prev: Tensor | None,
     h_alpha: float | Tensor,
     c_shape: tuple[int, ...],
 ) -> None:
-    """Checks v2's recovery weight/bias, h_prev and h_alpha (after check_cell_inputs)."""
+    """Checks v2's recovery weight/bias, h_prev (None: the zero state) and h_alpha.
+
+    Runs after check_cell_inputs."""
     _tensor("weight_rec", weight_rec)
     cin, cout, k = x.shape[1], c_shape[1], weight.shape[2]
     if _shape(weight_rec) != (cout, cin, k, k):
@@ -109,9 +112,46 @@ def check_v2_inputs(
         if _shape(bias_rec) != (cin,):
             raise ValueError(f"bias_rec must have shape ({cin},) = (Cin,), got {_shape(bias_rec)}")
         _same_device("bias_rec", bias_rec, x)
-    check_state("h_prev", h_prev, x, c_shape)
+    if h_prev is not None:
+        check_state("h_prev", h_prev, x, c_shape)
     if isinstance(h_alpha, Tensor):
         if h_alpha.numel() != 1 or not h_alpha.is_floating_point():
             raise ValueError(f"h_alpha must be a float or a 1-element float tensor, got {h_alpha!r}")
     elif isinstance(h_alpha, bool) or not isinstance(h_alpha, (int, float)):
         raise TypeError(f"h_alpha must be a float or a 0-dim tensor, got {type(h_alpha).__name__}")
+
+
+def check_eval_inputs(
+    x: Tensor,
+    weight3: Tensor,
+    bias3: Tensor | None,
+    gate_map: Tensor | None,
+    stride: int,
+    padding: int,
+) -> None:
+    """Checks the prepared parameters of the eval shortcut (ptl_fused.ops.bconv_cell_eval)."""
+    x, weight3 = _tensor("x", x), _tensor("weight3", weight3)
+    _int("stride", stride, 1)
+    _int("padding", padding, 0)
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a 4-D (B, Cin, H, W) floating-point tensor, got {x.dtype} {_shape(x)}")
+    if weight3.dim() != 4 or weight3.shape[0] % 3 or weight3.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight3 must be (3*Cout, {x.shape[1]}, k, k) (gates i, o, g), got {_shape(weight3)}"
+        )
+    _same_device("weight3", weight3, x)
+    k = weight3.shape[-1]
+    ho, wo = (conv_output_size(n, k, stride, padding) for n in x.shape[-2:])
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x's spatial size {tuple(x.shape[-2:])} is too small for kernel_size={k}")
+    if bias3 is not None:
+        if _shape(_tensor("bias3", bias3)) != (weight3.shape[0],):
+            raise ValueError(f"bias3 must have shape ({weight3.shape[0]},), got {_shape(bias3)}")
+        _same_device("bias3", bias3, x)
+    if gate_map is not None:
+        if _shape(_tensor("gate_map", gate_map)) != (weight3.shape[0], ho, wo):
+            raise ValueError(
+                f"gate_map must have shape (3*Cout, Ho, Wo) = {(weight3.shape[0], ho, wo)}, "
+                f"got {_shape(gate_map)}"
+            )
+        _same_device("gate_map", gate_map, x)

@@ -23,6 +23,7 @@ class Backend:
     device_types: tuple[str, ...]  # devices it runs on
     bconv_cell: Callable
     bconv_cell_v2: Callable
+    bconv_cell_eval: Callable  # the zero-state inference shortcut (python_ref/eval_path.py)
     unavailable: Callable[[], str | None]  # why it cannot run here, or None
 
 
@@ -51,9 +52,9 @@ def _no_extension(*args):
 if _extension.C is not None:
     from . import _cpp_ops
 
-    _cpp_cell, _cpp_cell_v2 = _cpp_ops.bconv_cell, _cpp_ops.bconv_cell_v2
+    _cpp_cell, _cpp_cell_v2, _cpp_eval = _cpp_ops.bconv_cell, _cpp_ops.bconv_cell_v2, _cpp_ops.bconv_cell_eval
 else:
-    _cpp_cell = _cpp_cell_v2 = _no_extension
+    _cpp_cell = _cpp_cell_v2 = _cpp_eval = _no_extension
 
 # Triton runs on CUDA, and on the CPU only in its interpreter (tests; set TRITON_INTERPRET=1
 # before triton is imported).
@@ -80,15 +81,21 @@ def _triton_unavailable() -> str | None:
 
 BACKENDS: dict[str, Backend] = {
     "reference": Backend(
-        "reference", ("cpu", "cuda"), python_ref.bconv_cell, python_ref.bconv_cell_v2, _always
+        "reference",
+        ("cpu", "cuda"),
+        python_ref.bconv_cell,
+        python_ref.bconv_cell_v2,
+        python_ref.bconv_cell_eval,
+        _always,
     ),
-    "cpu": Backend("cpu", ("cpu",), _cpp_cell, _cpp_cell_v2, _cpu_unavailable),
-    "cuda": Backend("cuda", ("cuda",), _cpp_cell, _cpp_cell_v2, _cuda_unavailable),
+    "cpu": Backend("cpu", ("cpu",), _cpp_cell, _cpp_cell_v2, _cpp_eval, _cpu_unavailable),
+    "cuda": Backend("cuda", ("cuda",), _cpp_cell, _cpp_cell_v2, _cpp_eval, _cuda_unavailable),
     "triton": Backend(
         "triton",
         ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",),
         _triton_ops.bconv_cell if _triton_ops else _no_triton,
         _triton_ops.bconv_cell_v2 if _triton_ops else _no_triton,
+        _triton_ops.bconv_cell_eval if _triton_ops else _no_triton,
         _triton_unavailable,
     ),
 }

@@ -2,7 +2,9 @@
 
 Shapes: x (B, Cin, H, W); weight (4·Cout, Cin, k, k) (v2: (4·Cout, 2·Cin, k, k));
 bias (4·Cout,) or None; weight_rec (Cout, Cin, k, k); bias_rec (Cin,) or None;
-c_prev, h_prev (B, Cout, Ho, Wo) in float32 (float64 for float64 inputs).
+c_prev, h_prev (B, Cout, Ho, Wo) in float32 (float64 for float64 inputs), or None for the
+zero state of inference (DESIGN.md §5): then only the i, o, g gates are computed, no state
+is read and none is returned.
 Every backend returns the same outputs and gradients as python_ref within the tolerances
 of tests/tolerances.py.
 """
@@ -12,28 +14,51 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from python_ref import state_dtype
+from python_ref import eval_gate_rows, state_dtype, v2_gate_map
 
 from . import backends
-from ._validate import check_cell_inputs, check_v2_inputs
+from ._validate import check_cell_inputs, check_eval_inputs, check_v2_inputs
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def exporting() -> bool:
+    """True while torch.export / torch.onnx.export trace the model: the cells then emit the
+    reference's plain ATen ops (with the eval shortcut), which every exporter understands."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def _resolve(backend: str, x: Tensor) -> backends.Backend:
+    impl = backends.resolve(backend, x.device)
+    return backends.BACKENDS["reference"] if exporting() else impl
 
 
 def bconv_cell(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    c_prev: Tensor,
+    c_prev: Tensor | None,
     stride: int = 1,
     padding: int = 0,
     backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """BConv-Cell: returns (y (B, Cout, Ho, Wo) in the compute dtype, c_new (like c_prev)).
 
-    Gradients flow to x, weight, bias and c_prev.
+    Gradients flow to x, weight, bias and c_prev. c_prev=None is inference from the zero
+    state: returns (y, None) through the eval shortcut, or, when a gradient is needed,
+    through the full cell from an explicit zero state (the shortcut has no backward).
     """
-    check_cell_inputs(x, weight, bias, c_prev, stride, padding)
-    impl = backends.resolve(backend, x.device)
-    return impl.bconv_cell(x, weight, bias, c_prev, stride, padding)
+    cout, ho, wo = check_cell_inputs(x, weight, bias, c_prev, stride, padding)
+    impl = _resolve(backend, x)
+    if c_prev is not None:
+        return impl.bconv_cell(x, weight, bias, c_prev, stride, padding)
+    if _needs_grad(x, weight, bias):
+        c0 = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
+        return impl.bconv_cell(x, weight, bias, c0, stride, padding)[0], None
+    rows_bias = None if bias is None else eval_gate_rows(bias)
+    return impl.bconv_cell_eval(x, eval_gate_rows(weight), rows_bias, None, stride, padding), None
 
 
 def bconv_cell_v2(
@@ -42,21 +67,63 @@ def bconv_cell_v2(
     bias: Tensor | None,
     weight_rec: Tensor,
     bias_rec: Tensor | None,
-    c_prev: Tensor,
-    h_prev: Tensor,
+    c_prev: Tensor | None,
+    h_prev: Tensor | None,
     h_alpha: float | Tensor,
     stride: int = 1,
     padding: int = 0,
     backend: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """BConv-Cell-v2: returns (y, c_new, h_new), h_new = h_prev + h_alpha·(y − h_prev).
 
     h_alpha is a float or a 0-dim tensor (a tensor keeps torch.compile from recompiling as
     it changes); it gets no gradient. Gradients flow to every other tensor input.
+    c_prev=h_prev=None is inference from the zero state: returns (y, None, None), where the
+    recovery's share of the gate conv is the constant map of python_ref.v2_gate_map.
     """
     cout, ho, wo = check_cell_inputs(x, weight, bias, c_prev, stride, padding, v2=True)
     check_v2_inputs(x, weight, weight_rec, bias_rec, h_prev, h_alpha, (x.shape[0], cout, ho, wo))
-    impl = backends.resolve(backend, x.device)
+    if (c_prev is None) != (h_prev is None):
+        raise ValueError("c_prev and h_prev must both be tensors, or both None (the zero state of inference)")
+    impl = _resolve(backend, x)
+    inference = c_prev is None
+    if inference:
+        if not _needs_grad(x, weight, bias, weight_rec, bias_rec):
+            w3, m = v2_eval_params(weight, bias, bias_rec, x.shape[-2:], stride, padding)
+            return impl.bconv_cell_eval(x, w3, None, m, stride, padding), None, None
+        c_prev = h_prev = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
     if impl.name != "reference":
         h_alpha = torch.as_tensor(h_alpha, dtype=state_dtype(x.dtype), device=x.device).reshape(())
-    return impl.bconv_cell_v2(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding)
+    y, c_new, h_new = impl.bconv_cell_v2(
+        x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding
+    )
+    return (y, None, None) if inference else (y, c_new, h_new)
+
+
+def v2_eval_params(
+    weight: Tensor, bias: Tensor | None, bias_rec: Tensor | None, size, stride: int, padding: int
+) -> tuple[Tensor, Tensor]:
+    """(weight3 (3·Cout, Cin, k, k), gate_map (3·Cout, Ho, Wo)) of v2's eval shortcut."""
+    cin = weight.shape[1] // 2
+    return eval_gate_rows(weight[:, :cin]), v2_gate_map(weight, bias, bias_rec, tuple(size), stride, padding)
+
+
+def bconv_cell_eval(
+    x: Tensor,
+    weight3: Tensor,
+    bias3: Tensor | None,
+    gate_map: Tensor | None,
+    stride: int = 1,
+    padding: int = 0,
+    backend: str = "auto",
+) -> Tensor:
+    """The eval shortcut from prepared parameters (the modules cache them per weight version):
+    weight3 (3·Cout, Cin, k, k) and bias3 (3·Cout,) are the i, o, g rows (python_ref.eval_gate_rows);
+    gate_map (3·Cout, Ho, Wo) is v2's constant recovery share. Returns y (B, Cout, Ho, Wo).
+    Forward only: call it under torch.no_grad() (the modules do)."""
+    check_eval_inputs(x, weight3, bias3, gate_map, stride, padding)
+    if _needs_grad(x, weight3, bias3, gate_map):
+        raise RuntimeError(
+            "bconv_cell_eval has no backward; use bconv_cell(..., c_prev=None) when a gradient is needed"
+        )
+    return _resolve(backend, x).bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding)

@@ -12,7 +12,7 @@ import torch
 import ptl_fused
 from ptl_fused import _extension
 
-OPS = ["bconv_cell_fwd", "bconv_cell_bwd", "bconv_cell_v2_fwd", "bconv_cell_v2_bwd"]
+OPS = ["bconv_cell_fwd", "bconv_cell_bwd", "bconv_cell_v2_fwd", "bconv_cell_v2_bwd", "bconv_cell_eval"]
 
 
 def test_extension_is_built_and_loaded():

@@ -18,6 +18,7 @@ namespace {
 struct RowKernels {
   cpu::FwdRowsFn fwd;
   cpu::BwdRowsFn bwd;
+  cpu::EvalRowsFn eval;
 };
 
 RowKernels row_kernels() {
@@ -31,18 +32,21 @@ RowKernels row_kernels() {
                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("avx512dq");
     if (avx512 && cap != "default" && cap != "avx2") {
-      return RowKernels{cpu::AVX512::fwd_rows, cpu::AVX512::bwd_rows};
+      return RowKernels{cpu::AVX512::fwd_rows, cpu::AVX512::bwd_rows, cpu::AVX512::eval_rows};
     }
-    if (avx2 && cap != "default") return RowKernels{cpu::AVX2::fwd_rows, cpu::AVX2::bwd_rows};
+    if (avx2 && cap != "default") {
+      return RowKernels{cpu::AVX2::fwd_rows, cpu::AVX2::bwd_rows, cpu::AVX2::eval_rows};
+    }
 #endif
-    return RowKernels{cpu::DEFAULT::fwd_rows, cpu::DEFAULT::bwd_rows};
+    return RowKernels{cpu::DEFAULT::fwd_rows, cpu::DEFAULT::bwd_rows, cpu::DEFAULT::eval_rows};
   }();
   return k;
 }
 
-cpu::RowGeometry geometry(const Tensor& state, bool cl) {
+// `state` is any (B, C, Ho, Wo) tensor of the cell's state shape (y in eval).
+cpu::RowGeometry geometry(const Tensor& state, bool cl, int64_t gates = 4) {
   const int64_t c = state.size(1), s = state.size(2) * state.size(3);
-  return {c, cl ? c : s, cl ? c : c * s, cl};
+  return {c, cl ? c : s, cl ? c : c * s, gates, cl};
 }
 
 template <typename Args, typename Fn>
@@ -83,10 +87,16 @@ void bwd_epilogue_cpu(const BwdEpilogueArgs& a) {
   run_rows(a.c_prev, a.gates.scalar_type(), r, row_kernels().bwd);
 }
 
+void eval_epilogue_cpu(const EvalEpilogueArgs& a) {
+  const auto geo = geometry(a.y, a.channels_last, 3);
+  cpu::EvalRowsArgs r{geo, ptr(a.z), ptr(a.gate_map), ptr(a.y), a.z[0].numel()};
+  run_rows(a.y, a.z.scalar_type(), r, row_kernels().eval);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ptl_fused, CPU, m) {
-  register_bconv_kernels<fwd_epilogue_cpu, bwd_epilogue_cpu>(m);
+  register_bconv_kernels<fwd_epilogue_cpu, bwd_epilogue_cpu, eval_epilogue_cpu>(m);
 }
 
 }  // namespace ptl_fused

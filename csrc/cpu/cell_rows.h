@@ -4,7 +4,7 @@
 //
 // A row is a contiguous run of `inner` state points: NCHW rows are (b, c) over the spatial
 // positions, NHWC rows are (b, h, w) over the channels. The gate tensor has the same rows,
-// its four gates `gate_stride` elements apart.
+// its `gates` gates (4 in training; 3 in eval: i, o, g) `gate_stride` elements apart.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -14,10 +14,10 @@
 namespace ptl_fused::cpu {
 
 struct RowGeometry {
-  int64_t c, inner, gate_stride;
+  int64_t c, inner, gate_stride, gates;
   bool channels_last;
   int64_t gate_base(int64_t r) const {
-    return channels_last ? r * 4 * c : ((r / c) * 4 * c + r % c) * inner;
+    return channels_last ? r * gates * c : ((r / c) * gates * c + r % c) * inner;
   }
 };
 
@@ -47,20 +47,34 @@ struct BwdRowsArgs {
   double alpha;
 };
 
+// Eval: z holds 3 gates; gate_map (or null) is one sample's (3C, Ho, Wo) block in z's layout,
+// so a row's map offset is its gate offset modulo `sample` (= 3C·Ho·Wo).
+struct EvalRowsArgs {
+  RowGeometry geo;
+  const void* z;
+  const void* gate_map;
+  void* y;
+  int64_t sample;
+};
+
 using FwdRowsFn = void (*)(c10::ScalarType, const FwdRowsArgs&, int64_t, int64_t);
 using BwdRowsFn = void (*)(c10::ScalarType, const BwdRowsArgs&, int64_t, int64_t);
+using EvalRowsFn = void (*)(c10::ScalarType, const EvalRowsArgs&, int64_t, int64_t);
 
 namespace DEFAULT {
 void fwd_rows(c10::ScalarType dtype, const FwdRowsArgs& a, int64_t r0, int64_t r1);
 void bwd_rows(c10::ScalarType dtype, const BwdRowsArgs& a, int64_t r0, int64_t r1);
+void eval_rows(c10::ScalarType dtype, const EvalRowsArgs& a, int64_t r0, int64_t r1);
 }  // namespace DEFAULT
 namespace AVX2 {
 void fwd_rows(c10::ScalarType dtype, const FwdRowsArgs& a, int64_t r0, int64_t r1);
 void bwd_rows(c10::ScalarType dtype, const BwdRowsArgs& a, int64_t r0, int64_t r1);
+void eval_rows(c10::ScalarType dtype, const EvalRowsArgs& a, int64_t r0, int64_t r1);
 }  // namespace AVX2
 namespace AVX512 {
 void fwd_rows(c10::ScalarType dtype, const FwdRowsArgs& a, int64_t r0, int64_t r1);
 void bwd_rows(c10::ScalarType dtype, const BwdRowsArgs& a, int64_t r0, int64_t r1);
+void eval_rows(c10::ScalarType dtype, const EvalRowsArgs& a, int64_t r0, int64_t r1);
 }  // namespace AVX512
 
 }  // namespace ptl_fused::cpu

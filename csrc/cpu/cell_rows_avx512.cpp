@@ -23,5 +23,8 @@ void fwd_rows(c10::ScalarType d, const FwdRowsArgs& a, int64_t r0, int64_t r1) {
 void bwd_rows(c10::ScalarType d, const BwdRowsArgs& a, int64_t r0, int64_t r1) {
   AVX2::bwd_rows(d, a, r0, r1);
 }
+void eval_rows(c10::ScalarType d, const EvalRowsArgs& a, int64_t r0, int64_t r1) {
+  AVX2::eval_rows(d, a, r0, r1);
+}
 }  // namespace ptl_fused::cpu::AVX512
 #endif

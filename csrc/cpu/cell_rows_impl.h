@@ -122,6 +122,43 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+template <typename scalar_t>
+void eval_typed(const EvalRowsArgs& a, int64_t r0, int64_t r1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* z = cast<scalar_t>(a.z);
+  const scalar_t* map = cast<scalar_t>(a.gate_map);
+  scalar_t* y = cast<scalar_t>(a.y);
+  const int64_t n = a.geo.inner, gs = a.geo.gate_stride;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t g0 = a.geo.gate_base(r);
+    const scalar_t* zr = z + g0;
+    const scalar_t* mr = map ? map + g0 % a.sample : nullptr;
+    scalar_t* yr = y + r * n;
+    int64_t j = 0;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      using Vec = at::vec::Vectorized<acc_t>;
+      for (; j + Vec::size() <= n; j += Vec::size()) {
+        Vec zi = Vec::loadu(zr + j), zo = Vec::loadu(zr + j + gs), zg = Vec::loadu(zr + j + 2 * gs);
+        if (mr) {
+          zi += Vec::loadu(mr + j);
+          zo += Vec::loadu(mr + j + gs);
+          zg += Vec::loadu(mr + j + 2 * gs);
+        }
+        cell_eval<Vec>(zi, zo, zg).store(yr + j);
+      }
+    }
+    for (; j < n; ++j) {
+      // The map is added in the compute dtype, as the reference adds it to the conv output.
+      auto pre = [&](int64_t q) {
+        const scalar_t v =
+            mr ? static_cast<scalar_t>(zr[j + q * gs] + mr[j + q * gs]) : zr[j + q * gs];
+        return static_cast<acc_t>(v);
+      };
+      yr[j] = static_cast<scalar_t>(cell_eval<acc_t>(pre(0), pre(1), pre(2)));
+    }
+  }
+}
+
 }  // namespace
 
 void fwd_rows(c10::ScalarType dtype, const FwdRowsArgs& a, int64_t r0, int64_t r1) {
@@ -149,6 +186,21 @@ void bwd_rows(c10::ScalarType dtype, const BwdRowsArgs& a, int64_t r0, int64_t r
       return bwd_typed<c10::BFloat16>(a, r0, r1);
     case c10::kHalf:
       return bwd_typed<c10::Half>(a, r0, r1);
+    default:
+      TORCH_CHECK(false, "ptl_fused: unsupported dtype ", dtype);
+  }
+}
+
+void eval_rows(c10::ScalarType dtype, const EvalRowsArgs& a, int64_t r0, int64_t r1) {
+  switch (dtype) {
+    case c10::kFloat:
+      return eval_typed<float>(a, r0, r1);
+    case c10::kDouble:
+      return eval_typed<double>(a, r0, r1);
+    case c10::kBFloat16:
+      return eval_typed<c10::BFloat16>(a, r0, r1);
+    case c10::kHalf:
+      return eval_typed<c10::Half>(a, r0, r1);
     default:
       TORCH_CHECK(false, "ptl_fused: unsupported dtype ", dtype);
   }

@@ -13,20 +13,23 @@ namespace ptl_fused {
 namespace {
 
 // Point p of the (B, C, Ho, Wo) state in NCHW or NHWC order -> offset of gate 0 in the
-// (B, 4C, Ho, Wo) gate tensor of the same layout; gate k is k * gate_stride further.
+// (B, gates*C, Ho, Wo) gate tensor of the same layout (4 gates; 3 in eval); gate k is
+// k * gate_stride further.
 struct GateIndex {
-  int64_t c, s;
+  int64_t c, s, gates;
   bool channels_last;
   __device__ int64_t base(int64_t p) const {
-    if (channels_last) return (p / c) * 4 * c + p % c;
+    if (channels_last) return (p / c) * gates * c + p % c;
     const int64_t bc = p / s;
-    return ((bc / c) * 4 * c + bc % c) * s + p % s;
+    return ((bc / c) * gates * c + bc % c) * s + p % s;
   }
   __host__ __device__ int64_t gate_stride() const { return channels_last ? c : c * s; }
+  // One sample's block of the gate tensor: v2's eval gate map has this layout.
+  __host__ __device__ int64_t sample() const { return gates * c * s; }
 };
 
-GateIndex gate_index(const Tensor& state, bool channels_last) {
-  return {state.size(1), state.size(2) * state.size(3), channels_last};
+GateIndex gate_index(const Tensor& state, bool channels_last, int64_t gates = 4) {
+  return {state.size(1), state.size(2) * state.size(3), gates, channels_last};
 }
 
 template <typename T>
@@ -88,6 +91,23 @@ __global__ void bwd_kernel(int64_t n, GateIndex gi, const scalar_t* __restrict__
   }
 }
 
+template <typename scalar_t, typename acc_t>
+__global__ void eval_kernel(int64_t n, GateIndex gi, const scalar_t* __restrict__ z,
+                            const scalar_t* __restrict__ map, scalar_t* __restrict__ y) {
+  const int64_t gs = gi.gate_stride(), sample = gi.sample();
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t g0 = gi.base(p);
+    // The map is added in the compute dtype, as the reference adds it to the conv output.
+    auto pre = [&](int64_t q) {
+      const scalar_t v =
+          map ? static_cast<scalar_t>(z[g0 + q * gs] + map[g0 % sample + q * gs]) : z[g0 + q * gs];
+      return static_cast<acc_t>(v);
+    };
+    y[p] = static_cast<scalar_t>(cell_eval<acc_t>(pre(0), pre(1), pre(2)));
+  }
+}
+
 void fwd_epilogue_cuda(const FwdEpilogueArgs& a) {
   const c10::cuda::CUDAGuard guard(a.z.device());
   const int64_t n = a.c_prev.numel();
@@ -122,10 +142,25 @@ void bwd_epilogue_cuda(const BwdEpilogueArgs& a) {
       });
 }
 
+void eval_epilogue_cuda(const EvalEpilogueArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.z.device());
+  const int64_t n = a.y.numel();
+  const auto gi = gate_index(a.y, a.channels_last, 3);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, a.z.scalar_type(), "bconv_cell_eval_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        eval_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            n, gi, a.z.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.gate_map),
+            a.y.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ptl_fused, CUDA, m) {
-  register_bconv_kernels<fwd_epilogue_cuda, bwd_epilogue_cuda>(m);
+  register_bconv_kernels<fwd_epilogue_cuda, bwd_epilogue_cuda, eval_epilogue_cuda>(m);
 }
 
 }  // namespace ptl_fused

@@ -9,6 +9,10 @@ pre-activations are never written; the activated gates are written only when bac
 needs them (SAVE_GATES). For v2 the K loop runs over two sources, x then the recovered X~,
 so the concatenation [x, X~] is never materialised. Any stride/padding/kernel size; any
 input strides (NCHW or channels_last); fp32 accumulation, fp32 state.
+
+EVAL is the zero-state inference shortcut (python_ref/eval_path.py): the weight holds only
+the i, o, g rows, the forget gate is neither loaded nor multiplied, no state is read or
+written, and v2's constant recovery share arrives as a (3·Cout, Ho, Wo) map (HAS_MAP).
 """
 
 from __future__ import annotations
@@ -77,8 +81,14 @@ def _accumulate(
     KS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EVAL: tl.constexpr,
 ):
-    """acc_gate += im2col(src)[pixels, :] @ W[gate*Cout + n, w_k_offset + :]^T, all four gates."""
+    """acc_gate += im2col(src)[pixels, :] @ W[gate row + n, w_k_offset + :]^T for each gate.
+
+    Gate rows: i, f, o, g at 0, 1, 2, 3 × Cout; in EVAL i, o, g at 0, 1, 2 × Cout (acc_f unused).
+    """
+    O_ROW: tl.constexpr = 1 if EVAL else 2
+    G_ROW: tl.constexpr = 2 if EVAL else 3
     K = Cin * KS * KS
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -94,17 +104,18 @@ def _accumulate(
         w_mask = k_mask[:, None] & n_mask[None, :]
         w_col = w_k_offset + offs_k[:, None]
         w_i = tl.load(w_ptr + (0 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-        w_f = tl.load(w_ptr + (1 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-        w_o = tl.load(w_ptr + (2 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-        w_g = tl.load(w_ptr + (3 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
+        w_o = tl.load(w_ptr + (O_ROW * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
+        w_g = tl.load(w_ptr + (G_ROW * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
         acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
-        acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
+        if not EVAL:
+            w_f = tl.load(w_ptr + (1 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
+            acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
         acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
         acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_o, acc_g
 
 
-@triton.autotune(configs=_configs(), key=["Cin", "Cout", "Ho", "Wo", "KS", "V2", "SAVE_GATES"])
+@triton.autotune(configs=_configs(), key=["Cin", "Cout", "Ho", "Wo", "KS", "V2", "SAVE_GATES", "EVAL"])
 @triton.jit
 def bconv_cell_fwd_kernel(
     x_ptr,
@@ -118,6 +129,7 @@ def bconv_cell_fwd_kernel(
     cn_ptr,
     hn_ptr,
     gates_ptr,
+    map_ptr,
     B,
     Cin,
     H,
@@ -143,6 +155,8 @@ def bconv_cell_fwd_kernel(
     V2: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SAVE_GATES: tl.constexpr,
+    EVAL: tl.constexpr,
+    HAS_MAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -171,33 +185,46 @@ def bconv_cell_fwd_kernel(
     acc_i, acc_f, acc_o, acc_g = _accumulate(
         acc_i, acc_f, acc_o, acc_g, x_ptr, w_ptr, b_idx, oh, ow, m_mask, offs_n, n_mask,
         Cin, H, W, Cout, sx_b, sx_c, sx_h, sx_w, w_k_stride, 0, stride, padding,
-        KS, BLOCK_K, DOT_PRECISION)
+        KS, BLOCK_K, DOT_PRECISION, EVAL)
     if V2:  # second K source: the recovered X~, weights W[:, Cin:]
         acc_i, acc_f, acc_o, acc_g = _accumulate(
             acc_i, acc_f, acc_o, acc_g, xr_ptr, w_ptr, b_idx, oh, ow, m_mask, offs_n, n_mask,
             Cin, H, W, Cout, sx_b, sx_c, sx_h, sx_w, w_k_stride, K, stride, padding,
-            KS, BLOCK_K, DOT_PRECISION)
+            KS, BLOCK_K, DOT_PRECISION, False)
     # fmt: on
+    O_ROW: tl.constexpr = 1 if EVAL else 2
+    G_ROW: tl.constexpr = 2 if EVAL else 3
     if HAS_BIAS:
         acc_i += tl.load(b_ptr + 0 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
-        acc_f += tl.load(b_ptr + 1 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
-        acc_o += tl.load(b_ptr + 2 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
-        acc_g += tl.load(b_ptr + 3 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
-
-    # The pre-activations are rounded to the compute dtype, as the conv output of the reference.
-    out_dtype = y_ptr.dtype.element_ty
-    gi = _sigmoid(acc_i.to(out_dtype).to(ACC_DTYPE))
-    gf = _sigmoid(acc_f.to(out_dtype).to(ACC_DTYPE))
-    go = _sigmoid(acc_o.to(out_dtype).to(ACC_DTYPE))
-    gg = _tanh(acc_g.to(out_dtype).to(ACC_DTYPE))
+        if not EVAL:
+            acc_f += tl.load(b_ptr + 1 * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        acc_o += tl.load(b_ptr + O_ROW * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        acc_g += tl.load(b_ptr + G_ROW * Cout + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
 
     mask = m_mask[:, None] & n_mask[None, :]
+    # The pre-activations are rounded to the compute dtype, as the conv output of the reference.
+    out_dtype = y_ptr.dtype.element_ty
+    z_i, z_o, z_g = acc_i.to(out_dtype), acc_o.to(out_dtype), acc_g.to(out_dtype)
+    if HAS_MAP:  # (3·Cout, Ho, Wo), contiguous; added in the compute dtype like the reference
+        m_off = offs_n[None, :] * (Ho * Wo) + hw[:, None]
+        z_i += tl.load(map_ptr + m_off, mask=mask, other=0.0)
+        z_o += tl.load(map_ptr + Cout * Ho * Wo + m_off, mask=mask, other=0.0)
+        z_g += tl.load(map_ptr + 2 * Cout * Ho * Wo + m_off, mask=mask, other=0.0)
+    gi = _sigmoid(z_i.to(ACC_DTYPE))
+    go = _sigmoid(z_o.to(ACC_DTYPE))
+    gg = _tanh(z_g.to(ACC_DTYPE))
+
     s_off = b_idx[:, None] * ss_b + offs_n[None, :] * ss_c + oh[:, None] * ss_h + ow[:, None] * ss_w
-    c_prev = tl.load(cp_ptr + s_off, mask=mask, other=0.0).to(ACC_DTYPE)
-    c_new = gf * c_prev + gi * gg
-    y = (go * _tanh(c_new)).to(out_dtype)
-    tl.store(cn_ptr + s_off, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + s_off, y, mask=mask)
+    if EVAL:  # C_{b-1} = 0: C_b = i·g; nothing is read or stored but y
+        y = (go * _tanh((gi * gg).to(out_dtype).to(ACC_DTYPE))).to(out_dtype)
+        tl.store(y_ptr + s_off, y, mask=mask)
+    else:
+        gf = _sigmoid(acc_f.to(out_dtype).to(ACC_DTYPE))
+        c_prev = tl.load(cp_ptr + s_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        c_new = gf * c_prev + gi * gg
+        y = (go * _tanh(c_new)).to(out_dtype)
+        tl.store(cn_ptr + s_off, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + s_off, y, mask=mask)
     if V2:
         alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
         h_prev = tl.load(hp_ptr + s_off, mask=mask, other=0.0).to(ACC_DTYPE)

@@ -57,8 +57,12 @@ def _outputs(x, weight, c_prev, stride, padding, save_gates, v2):
     return outs, gates, fmt
 
 
-def _launch_fwd(x, x_rec, weight, bias, c_prev, h_prev, h_alpha, stride, padding, y, c_new, h_new, gates):
+def _launch_fwd(
+    x, x_rec, weight, bias, c_prev, h_prev, h_alpha, stride, padding, y, c_new, h_new, gates, gate_map=None
+):
+    """c_prev None: the eval kernel (weight = the i, o, g rows; optional (3·Cout, Ho, Wo) gate_map)."""
     b, cout, ho, wo = y.shape
+    evaluate = c_prev is None
     weight = weight.contiguous()
     v2 = x_rec is not None
     ss = y.stride()
@@ -68,13 +72,17 @@ def _launch_fwd(x, x_rec, weight, bias, c_prev, h_prev, h_alpha, stride, padding
     if v2:
         assert x_rec.stride() == x.stride()
     grid = lambda meta: (triton.cdiv(b * ho * wo, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+    if evaluate:  # unused pointer arguments get y
+        c_prev = c_new = y
     bconv_cell_fwd_kernel[grid](
         x, x_rec if v2 else x, weight, bias if bias is not None else weight,
         c_prev, h_prev if v2 else c_prev, h_alpha if v2 else c_prev,
         y, c_new, h_new if v2 else c_new, gates if gates.numel() else y,
+        gate_map if gate_map is not None else y,
         b, x.shape[1], x.shape[2], x.shape[3], cout, ho, wo, stride, padding,
         *x.stride(), *ss, *sg,
         KS=weight.shape[-1], V2=v2, HAS_BIAS=bias is not None, SAVE_GATES=gates.numel() > 0,
+        EVAL=evaluate, HAS_MAP=gate_map is not None,
         DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc(x.dtype),
     )  # fmt: skip
 
@@ -99,6 +107,30 @@ def bconv_cell_fwd(
 def _(x, weight, bias, c_prev, stride, padding, save_gates):
     (y, c_new), gates, _ = _outputs(x, weight, c_prev, stride, padding, save_gates, v2=False)
     return y, c_new, gates
+
+
+def _eval_output(x, weight3, stride, padding):
+    b, _, ho, wo = _out_shape(x, weight3, stride, padding)
+    fmt = suggest_memory_format(x)
+    return torch.empty((b, weight3.shape[0] // 3, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op("ptl_fused::triton_bconv_cell_eval", mutates_args=())
+def bconv_cell_eval_op(
+    x: Tensor, weight3: Tensor, bias3: Tensor | None, gate_map: Tensor | None, stride: int, padding: int
+) -> Tensor:
+    """y from the zero state (python_ref.bconv_cell_eval); forward only (see ptl_fused.ops)."""
+    y = _eval_output(x, weight3, stride, padding)
+    if gate_map is not None:
+        gate_map = gate_map.to(x.dtype).contiguous()
+    empty = x.new_empty(0)
+    _launch_fwd(x, None, weight3, bias3, None, None, None, stride, padding, y, None, None, empty, gate_map)
+    return y
+
+
+@bconv_cell_eval_op.register_fake
+def _(x, weight3, bias3, gate_map, stride, padding):
+    return _eval_output(x, weight3, stride, padding)
 
 
 def _recover(x, weight_rec, bias_rec, h_prev, stride, padding, fmt):
@@ -226,3 +258,8 @@ def bconv_cell_v2(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, save
     )
     return y, c_new, h_new
+
+
+def bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding):
+    x, weight3, bias3, gate_map = _autocast(x.device.type, x, weight3, bias3, gate_map)
+    return bconv_cell_eval_op(x, weight3, bias3, gate_map, stride, padding)

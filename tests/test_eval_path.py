@@ -1,0 +1,211 @@
+"""The inference shortcut (DESIGN.md §5): every backend's eval path against the full
+python_ref cell started from the zero state, the module's cache, gradients, compile, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptl_fused
+import python_ref
+from ptl_fused import ops
+
+from cells import CASES, DTYPES, backend_params, cast_inputs, make_inputs, skip_unsupported
+from tolerances import assert_matches_oracle
+
+
+def _zero_state_reference(args: dict, case, v2: bool):
+    """y of the full python_ref cell from C_{b-1} = H_{b-1} = 0 (what eval means)."""
+    a = dict(args)
+    a["c_prev"] = torch.zeros_like(a["c_prev"])
+    if v2:
+        a["h_prev"] = torch.zeros_like(a["h_prev"])
+        return python_ref.bconv_cell_v2(*a.values(), case.stride, case.padding)[0]
+    return python_ref.bconv_cell(*a.values(), case.stride, case.padding)[0]
+
+
+def _shortcut(args: dict, case, v2: bool, backend: str):
+    a = {n: t for n, t in args.items() if n not in ("c_prev", "h_prev", "h_alpha")}
+    with torch.no_grad():
+        if v2:
+            outs = ops.bconv_cell_v2(
+                a["x"], a["weight"], a["bias"], a["weight_rec"], a["bias_rec"], None, None, 1.0,
+                case.stride, case.padding, backend=backend,
+            )  # fmt: skip
+            assert outs[1:] == (None, None), "inference returns no state"
+        else:
+            outs = ops.bconv_cell(a["x"], a["weight"], a["bias"], None, case.stride, case.padding, backend)
+            assert outs[1] is None, "inference returns no state"
+    return outs[0]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_shortcut_is_the_zero_state_cell(case, v2, bias):
+    # In float64 the shortcut and the full cell differ only by summation order.
+    args = cast_inputs(make_inputs(case, v2, bias), torch.float64, "cpu", requires_grad=False)
+    want = _zero_state_reference(args, case, v2)
+    got = _shortcut(args, case, v2, "reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_eval_shortcut_matches_reference(backend, device, case, dtype, v2):
+    skip_unsupported(backend, device, dtype)
+    master = make_inputs(case, v2)
+    oracle = _zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
+    eager = _zero_state_reference(cast_inputs(master, dtype, device, False), case, v2)
+    got = _shortcut(cast_inputs(master, dtype, device, False), case, v2, backend)
+    assert got.dtype == dtype
+    assert_matches_oracle(f"{case} eval y", got, eager, oracle, dtype)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_eval_shortcut_channels_last(backend, device, v2):
+    case = CASES[1]
+    master = make_inputs(case, v2)
+    oracle = _zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
+    args = cast_inputs(master, torch.float32, device, False)
+    args["x"] = args["x"].contiguous(memory_format=torch.channels_last)
+    got = _shortcut(args, case, v2, backend)
+    eager = _zero_state_reference(cast_inputs(master, torch.float32, device, False), case, v2)
+    assert_matches_oracle(f"{case} eval y (channels_last)", got, eager, oracle, torch.float32)
+
+
+def _cell(v2: bool, backend: str, **kw):
+    cls = ptl_fused.BConvCellV2 if v2 else ptl_fused.BConvCell
+    torch.manual_seed(0)
+    return cls(3, 4, kernel_size=3, stride=2, padding=1, bias=True, backend=backend, **kw)
+
+
+def _module_reference(cell, x):
+    """The module's eval output computed by the full python_ref cell from zero states."""
+    with torch.no_grad():
+        c0 = torch.zeros(cell.state_shape(x), dtype=torch.float32)
+        if isinstance(cell, ptl_fused.BConvCellV2):
+            ps = (cell.weight, cell.bias, cell.weight_rec, cell.bias_rec)
+            return python_ref.bconv_cell_v2(x, *ps, c0, c0, 1.0, cell.stride, cell.padding)[0]
+        return python_ref.bconv_cell(x, cell.weight, cell.bias, c0, cell.stride, cell.padding)[0]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_module_cache_refreshes_after_a_weight_update(backend, v2):
+    cell = _cell(v2, backend).eval()
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        y1 = cell(x)
+        cached = cell._eval_cache
+        assert cell(x) is not None and cell._eval_cache is cached, "the second call must reuse the cache"
+    torch.testing.assert_close(y1, _module_reference(cell, x))
+
+    opt = torch.optim.SGD(cell.parameters(), lr=0.5)
+    cell.train()
+    cell(x).square().sum().backward()
+    opt.step()
+    cell.eval()
+    with torch.no_grad():
+        y2 = cell(x)
+    assert not torch.allclose(y1, y2)
+    torch.testing.assert_close(y2, _module_reference(cell, x))
+
+    # An in-place update in eval mode (no train() in between) must refresh the cache too.
+    with torch.no_grad():
+        if v2 and cell.bias_rec is not None:
+            cell.bias_rec.add_(0.3)  # v2's gate map depends on the recovery bias
+        cell.weight.mul_(1.5)
+        y3 = cell(x)
+    assert not torch.allclose(y2, y3)
+    torch.testing.assert_close(y3, _module_reference(cell, x))
+
+    # load_state_dict copies in place; another input size gives another v2 map.
+    cell.load_state_dict(_cell(v2, backend).state_dict())
+    x2 = torch.randn(1, 3, 6, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(cell(x), _module_reference(cell, x))
+        torch.testing.assert_close(cell(x2), _module_reference(cell, x2))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_eval_with_gradients_uses_the_full_cell(backend, v2):
+    # With grad mode on and trainable parameters, eval must still give exact gradients.
+    cell = _cell(v2, backend).eval()
+    ref = _cell(v2, "reference").eval()
+    x = torch.randn(2, 3, 9, 7, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    cell(x).sin().sum().backward()
+    c0 = torch.zeros(ref.state_shape(x_ref))
+    if v2:
+        ps = (ref.weight, ref.bias, ref.weight_rec, ref.bias_rec)
+        y = python_ref.bconv_cell_v2(x_ref, *ps, c0, c0, 1.0, 2, 1)[0]
+    else:
+        y = python_ref.bconv_cell(x_ref, ref.weight, ref.bias, c0, 2, 1)[0]
+    y.sin().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for (name, p), p_ref in zip(cell.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad is not None, f"no gradient for {name}"
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    assert cell.state is None, "eval must not carry a state"
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_eval_shortcut_under_torch_compile(v2):
+    cell = _cell(v2, "cpu").eval()
+    x = torch.randn(2, 3, 9, 7)
+    compiled = torch.compile(cell, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), _module_reference(cell, x))
+        with torch.no_grad():
+            cell.weight.mul_(0.5)  # compiled code reads the parameters each call: no stale cache
+        torch.testing.assert_close(compiled(x), _module_reference(cell, x))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_torch_export_decomposes_with_the_shortcut(v2):
+    cell = _cell(v2, "cpu").eval()
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        ep = torch.export.export(cell, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("ptl_fused" in t for t in targets), f"custom ops left in the exported graph: {targets}"
+    convs = [n for n in ep.graph.nodes if "conv" in str(n.target)]
+    gate_weight = [n for n in convs if n.meta["val"].shape[1] == 3 * cell.out_channels]
+    assert gate_weight, "the gate conv must have 3*Cout outputs (no forget gate)"
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), _module_reference(cell, x))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_opcheck_eval_op(backend, device):
+    if backend == "reference":
+        pytest.skip("the reference is plain PyTorch, not a custom op")
+    op = (
+        torch.ops.ptl_fused.triton_bconv_cell_eval
+        if backend == "triton"
+        else torch.ops.ptl_fused.bconv_cell_eval
+    )
+    x = torch.randn(2, 3, 7, 5, device=device)
+    w3, b3 = torch.randn(12, 3, 3, 3, device=device), torch.randn(12, device=device)
+    gate_map = torch.randn(12, 4, 3, device=device)
+    torch.library.opcheck(op, (x, w3, b3, None, 2, 1))
+    torch.library.opcheck(op, (x, w3, None, gate_map, 2, 1))
+
+
+def test_eval_errors():
+    x = torch.randn(2, 3, 7, 5)
+    w = torch.randn(16, 6, 3, 3)
+    wr = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="both be tensors, or both None"):
+        ops.bconv_cell_v2(x, w, None, wr, None, None, torch.zeros(2, 4, 7, 5), 1.0, 1, 1)
+    with pytest.raises(ValueError, match=r"weight3 must be \(3\*Cout, 3, k, k\)"):
+        ops.bconv_cell_eval(x, torch.randn(16, 3, 3, 3), None, None, 1, 1)
+    with pytest.raises(ValueError, match=r"gate_map must have shape \(3\*Cout, Ho, Wo\) = \(12, 7, 5\)"):
+        ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 3), None, torch.zeros(12, 5, 5), 1, 1)
+    with pytest.raises(RuntimeError, match="no backward"):
+        ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 3, requires_grad=True), None, None, 1, 1)
