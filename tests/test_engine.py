@@ -33,13 +33,15 @@ Out = namedtuple("Out", "feature logits embeddings")  # the models' ModelOutput 
 class TinyNet(nn.Module):
     """Stand-in for build_model("digits", ...): conv, an optional cell, feature, classifier."""
 
-    def __init__(self, num_classes: int, cell: str | None = "v1", dropout: float = 0.2) -> None:
+    def __init__(self, num_classes: int, cell: str | None = "v1", dropout: float = 0.2, in_channels: int = 1):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
         cells = {"v1": BConvCell, "v2": BConvCellV2}
         self.cell = cells[cell](4, 4, kernel_size=3, padding=1) if cell else None
         self.feature_dim = 8
-        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * 8 * 8, 8))
+        self.embed = nn.Sequential(
+            nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * 8 * 8, 8)
+        )
         self.classifier = nn.Linear(8, num_classes)
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -54,7 +56,7 @@ class TinyNet(nn.Module):
 
 
 def tiny_build(model_cfg: dict, num_classes: int) -> nn.Module:
-    return TinyNet(num_classes, model_cfg["cell"])
+    return TinyNet(num_classes, model_cfg["cell"], **model_cfg["kwargs"])
 
 
 def digits_cfg(tmp_path: Path, *overrides: str) -> dict:
