@@ -123,9 +123,16 @@ def test_missing_dataset_root_names_the_path_and_layout(tmp_path):
 
 
 def test_one_classification_epoch_writes_logs_checkpoint_and_plot(tmp_path):
-    cfg = digits_cfg(tmp_path, "optim.epochs=1")
-    res = run(cfg, build=tiny_build, verbose=False)
+    cfg = digits_cfg(tmp_path, "optim.epochs=1", "train.tensorboard=true", "deterministic=true")
+    try:
+        res = run(cfg, build=tiny_build, verbose=False)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
     folder = Path(res["out"])
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    header = (folder / "log.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["epoch", "lr", "train_loss", "train_accuracy"] and "test_accuracy" in header
     (stage,) = res["stages"]
     assert stage["num_classes"] == 3 and len(stage["history"]) == 1
     row = stage["history"][0]
