@@ -393,3 +393,24 @@ def test_std_student_has_no_ptl_modules(tmp_path):
     assert not any(k.startswith("cell.") for k in saved)
     ckpt = load_checkpoint(Path(cfg["out"]) / "last.pt")
     assert not any(k.startswith("cell.") for k in ckpt["model"]), "no teacher/cell weights in the checkpoint"
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def test_cli_reports_config_errors_and_trains_a_config_file(tmp_path, capsys, monkeypatch):
+    from ptl_fused.engine.cli import main
+
+    assert main(["digits", "optim.lrr=1"]) == 2
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+    assert main(["no_such_config"]) == 2
+    assert "bundled configs: " in capsys.readouterr().err
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text(
+        "data: {name: digits, classes: [0, 1], shots: 8, batch_size: 8, num_workers: 0}\n"
+        "model: {arch: tiny, head: classification}\noptim: {epochs: 1}\ntrain: {progress: false}\n"
+    )
+    monkeypatch.setattr(trainer, "build_model_from_config", tiny_build)
+    assert main([str(yaml_file), "train.tensorboard=false", "--out", str(tmp_path / "o")]) == 0
+    assert "[digits] epoch=1" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "o" / "last.pt")["meta"]["num_classes"] == 2
