@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import Task, require_root
-from .losses import ClassificationLoss
 
 LAYOUTS = {
     "market1501": "the extracted Market-1501 folder (bounding_box_train/, query/, bounding_box_test/)",
@@ -21,49 +20,57 @@ LAYOUTS = {
 
 
 class ReIDCriterion(nn.Module):
-    """Cross-entropy over every classifier, plus (loss.triplet) the batch-hard triplet loss
-    over every embedding, as in MGN. Needs PK batches when the triplet term is on."""
+    """ptl_fused.reid.ReIDLoss on a ModelOutput: cross-entropy over every classifier, plus
+    (loss.triplet, as in MGN) the batch-hard triplet loss over every embedding."""
 
-    def __init__(self, label_smoothing: float, triplet: bool, margin: float, soft_margin: bool) -> None:
+    def __init__(self, num_classes: int, loss_cfg: dict) -> None:
         super().__init__()
-        from ptl_fused.reid import TripletLoss
+        from ptl_fused.reid import ReIDLoss
 
-        self.ce = ClassificationLoss(label_smoothing)
-        self.triplet = TripletLoss(margin=margin, soft_margin=soft_margin) if triplet else None
+        self.loss = ReIDLoss(
+            num_classes,
+            epsilon=loss_cfg["label_smoothing"],
+            margin=loss_cfg["margin"],
+            soft_margin=loss_cfg["soft_margin"],
+            triplet_weight=1.0 if loss_cfg["triplet"] else 0.0,
+        )
 
     def forward(self, out, pids: Tensor, images: Tensor | None = None) -> Tensor:
-        loss = self.ce(out, pids)
-        if self.triplet is not None:
-            loss = loss + torch.stack([self.triplet(e.float(), pids) for e in out.embeddings]).mean()
-        return loss
+        return self.loss(out.logits, out.embeddings, pids).total
+
+
+READER_NAMES = {"dukemtmc": "dukemtmcreid"}  # config name -> ptl_fused.reid dataset name
 
 
 def reid_task(cfg: dict) -> Task:
-    from ptl_fused.reid import ImageDataset, build_reid_dataset, build_transforms, evaluate_features
+    from ptl_fused.reid import (
+        ImageDataset,
+        build_reid_dataset,
+        build_transforms,
+        evaluate_features,
+        extract_features,
+    )
 
     d, name = cfg["data"], cfg["data"]["name"]
     root = require_root(d["root"], LAYOUTS[name])
-    data = build_reid_dataset(name, str(root))
+    data = build_reid_dataset(READER_NAMES.get(name, name), root, verbose=False)
     train = ImageDataset(data.train, build_transforms(d["height"], d["width"], is_train=d["augment"]))
     test_tf = build_transforms(d["height"], d["width"], is_train=False)
-    loaders = [
-        DataLoader(
-            ImageDataset(items, test_tf),
-            batch_size=d["batch_size"],
-            shuffle=False,
-            num_workers=d["num_workers"],
-        )
+    query, gallery = (
+        DataLoader(ImageDataset(items, test_tf), batch_size=d["batch_size"], num_workers=d["num_workers"])
         for items in (data.query, data.gallery)
-    ]
+    )
 
     def evaluate(model: nn.Module, device: torch.device, autocast) -> dict:
-        with autocast():
-            result = evaluate_features(
-                model, *loaders, device=device, flip=cfg["eval"]["flip"], normalize=cfg["eval"]["normalize"]
-            )
-        return result
+        """mAP and CMC rank-1/5/10 (%) of the query against the gallery (Market-1501 protocol)."""
+        e = cfg["eval"]
+        with autocast():  # extract_features puts the model in eval mode: no state carry
+            qf, q_pids, q_cams = extract_features(model, query, device, e["flip"], e["normalize"])
+            gf, g_pids, g_cams = extract_features(model, gallery, device, e["flip"], e["normalize"])
+        cmc, mean_ap = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=min(50, len(gf)))
+        ranks = {f"rank{r}": 100.0 * float(cmc[r - 1]) for r in (1, 5, 10) if r <= len(cmc)}
+        return {"mAP": 100.0 * mean_ap, **ranks}
 
-    loss = cfg["loss"]
     return Task(
         name=name,
         kind="reid",
@@ -73,8 +80,6 @@ def reid_task(cfg: dict) -> Task:
         evaluate=evaluate,
         main_metric="mAP",
         info={"train_images": len(data.train), "query": len(data.query), "gallery": len(data.gallery)},
-        criterion=ReIDCriterion(
-            loss["label_smoothing"], loss["triplet"], loss["margin"], loss["soft_margin"]
-        ),
-        pk_sampling=loss["triplet"],
+        criterion=ReIDCriterion(data.num_train_pids, cfg["loss"]),
+        pk_sampling=cfg["loss"]["triplet"],
     )

@@ -178,26 +178,25 @@ def make_train_loader(task: Task, cfg: dict, info: DistInfo, device: torch.devic
     """The order of the batches is a function of (seed, epoch) only (sampler.set_epoch), so a
     resumed run sees the same batches as an uninterrupted one."""
     d = cfg["data"]
-    if task.pk_sampling:
+    batch_size = d["batch_size"]
+    if task.pk_sampling:  # P identities x K images per batch, as the triplet loss needs
         from ptl_fused.reid import PKSampler
 
+        k = d["num_instances"]
+        p = max(2, batch_size // k)
+        batch_size = p * k
         sampler = PKSampler(
-            task.train_labels,
-            p=max(1, d["batch_size"] // d["num_instances"]),
-            k=d["num_instances"],
-            seed=cfg["seed"],
-            num_replicas=info.world,
-            rank=info.rank,
+            task.train_labels, p=p, k=k, seed=cfg["seed"], num_replicas=info.world, rank=info.rank
         )
     else:
         sampler = DistributedSampler(
             task.train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=cfg["seed"]
         )
     # A last batch of one image breaks BatchNorm in training: drop it, keep the others.
-    drop_last = len(sampler) % d["batch_size"] == 1
+    drop_last = len(sampler) % batch_size == 1
     loader = DataLoader(
         task.train_set,
-        batch_size=d["batch_size"],
+        batch_size=batch_size,
         sampler=sampler,
         drop_last=drop_last,
         num_workers=d["num_workers"],
