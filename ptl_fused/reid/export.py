@@ -1,0 +1,71 @@
+"""Export a ReID model's retrieval feature to ONNX.
+
+In eval mode every BConv-Cell starts from zero state, so the network is feed-forward and
+exports as a plain graph: input "images" (B, 3, height, width) float32, output "feature" (B, D),
+with a dynamic batch axis. A model that returns an object with `.feature` (ModelOutput) is
+wrapped so that the graph outputs only the feature.
+
+Exporter: torch.onnx.export's TorchScript-based exporter (dynamo=False). It handles the cells'
+custom ops' Python fallback (backend="reference") and fixed-shape models reliably; the dynamo
+exporter (the default since torch 2.9) is used only when `dynamo=True` is asked for.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class _FeatureOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        output = self.model(images)
+        return getattr(output, "feature", output)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    height: int,
+    width: int,
+    opset: int | None = None,
+    dynamo: bool = False,
+) -> Path:
+    """Write model's eval-mode feature as an ONNX graph to `path`; returns the path.
+
+    The model stays on its device (the example input (2, 3, height, width) is made there); its
+    training mode is restored afterwards. opset=None takes the exporter's default.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder for the ONNX file does not exist: {path.parent}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    example = torch.randn(2, 3, height, width, device=device)
+    try:
+        kwargs = {"opset_version": opset} if opset is not None else {}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            if dynamo:
+                kwargs.update(dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+            else:
+                kwargs["dynamic_axes"] = {"images": {0: "batch"}, "feature": {0: "batch"}}
+            torch.onnx.export(
+                _FeatureOnly(model).eval(),
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["feature"],
+                dynamo=dynamo,
+                **kwargs,
+            )
+    finally:
+        model.train(was_training)
+    return path
