@@ -55,7 +55,9 @@ class TripletLoss(nn.Module):
                 "embeddings must be (B, D) and targets (B,), got "
                 f"{tuple(embeddings.shape)} and {tuple(targets.shape)}"
             )
-        dist = pairwise_euclidean(embeddings.float())
+        if embeddings.dtype in (torch.float16, torch.bfloat16):  # distances in float32 under autocast
+            embeddings = embeddings.float()
+        dist = pairwise_euclidean(embeddings)
         same = targets[:, None] == targets[None, :]
         if same.all():
             raise ValueError("TripletLoss needs at least two identities in the batch")
