@@ -54,6 +54,8 @@ class _RankAccumulator:
         self.num_codes = int(self.g_codes.max()) + 1 if len(self.g_codes) else 0
         self.max_rank, self.protocol, self.num_repeats, self.seed = max_rank, protocol, num_repeats, seed
         self.ranks = torch.arange(1, max_rank + 1, device=device)
+        # Counts of queries (times repeats, for cuhk03) with a match within each rank: integers, so
+        # the sum is exact and does not depend on the chunking.
         self.cmc_sum = torch.zeros(max_rank, dtype=torch.float64, device=device)
         self.ap_sum, self.valid, self.seen = 0.0, 0, 0
 
@@ -76,8 +78,9 @@ class _RankAccumulator:
         # Rank of each kept gallery item among the kept ones (1-based); removed items get 0.
         rank = torch.cumsum(keep, dim=1) * keep
         hits = torch.cumsum(match, dim=1)
-        # AP = mean over true matches of (matches up to it) / (its rank).
-        precision = torch.where(match, hits / rank.clamp_min(1), torch.zeros((), device=device))
+        # AP = mean over true matches of (matches up to it) / (its rank); in float64, so that
+        # the chunking changes mAP only in its last bits.
+        precision = torch.where(match, hits.double() / rank.clamp_min(1), 0.0)
         self.ap_sum += (precision.sum(dim=1) / n_rel).sum().item()
         self.valid += len(n_rel)
         if self.protocol == "market":
@@ -93,9 +96,7 @@ class _RankAccumulator:
             best = torch.full((len(keys), self.num_codes), -1, dtype=keys.dtype, device=device)
             best.scatter_reduce_(1, codes, keys, reduce="amax")
             chosen = keep & (keys == best.gather(1, codes))
-            self.cmc_sum += (
-                self._cmc_counts(match & chosen, torch.cumsum(chosen, dim=1), num_g) / self.num_repeats
-            )
+            self.cmc_sum += self._cmc_counts(match & chosen, torch.cumsum(chosen, dim=1), num_g)
 
     def _cmc_counts(self, match: torch.Tensor, rank: torch.Tensor, num_g: int) -> torch.Tensor:
         """Number of queries whose first true match is within each of the ranks 1..max_rank."""
@@ -111,7 +112,8 @@ class _RankAccumulator:
             )
         if self.valid == 0:
             raise ValueError("no query has a true match in the gallery: CMC and mAP are undefined")
-        return (self.cmc_sum / self.valid).cpu().numpy(), self.ap_sum / self.valid
+        repeats = self.num_repeats if self.protocol == "cuhk03" else 1
+        return (self.cmc_sum / (self.valid * repeats)).cpu().numpy(), self.ap_sum / self.valid
 
 
 def _check_ids(num_q: int, num_g: int, q_pids, g_pids, q_camids, g_camids, what: str):
