@@ -5,9 +5,15 @@ exports as a plain graph: input "images" (B, 3, height, width) float32, output "
 with a dynamic batch axis. A model that returns an object with `.feature` (ModelOutput) is
 wrapped so that the graph outputs only the feature.
 
-Exporter: torch.onnx.export's TorchScript-based exporter (dynamo=False). It handles the cells'
-custom ops' Python fallback (backend="reference") and fixed-shape models reliably; the dynamo
-exporter (the default since torch 2.9) is used only when `dynamo=True` is asked for.
+Exporter: torch.onnx.export's torch.export-based exporter (the default since torch 2.9, needs
+onnxscript) for opset >= 18 (its own default is 20). It implements no older opset, and its
+down-conversion produced invalid graphs here (torch 2.14, onnxscript 0.7: a Split with opset-18
+attributes in an opset-17 model), so for opset < 18 the TorchScript-based exporter (deprecated by
+torch, still reliable) is used; `dynamo=True/False` forces one. Both export cells with
+backend="reference" (plain PyTorch ops) and match PyTorch's outputs in ONNX Runtime. A cell
+whose backend is a fused kernel (ptl_fused.bconv_cell_fwd custom op) has no ONNX translation
+yet: set `cell.backend = "reference"` on such cells before exporting (eval-mode outputs agree
+within the backends' tolerances).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..modules import BConvCell, BConvCellV2
 
 
 class _FeatureOnly(nn.Module):
@@ -35,14 +43,17 @@ def export_onnx(
     height: int,
     width: int,
     opset: int | None = None,
-    dynamo: bool = False,
+    dynamo: bool | None = None,
 ) -> Path:
     """Write model's eval-mode feature as an ONNX graph to `path`; returns the path.
 
     The model stays on its device (the example input (2, 3, height, width) is made there); its
-    training mode is restored afterwards. opset=None takes the exporter's default.
+    training mode is restored afterwards. opset=None takes the exporter's default; dynamo=None
+    picks the exporter from the opset (see the module docstring).
     """
     path = Path(path)
+    if dynamo is None:
+        dynamo = opset is None or opset >= 18
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder for the ONNX file does not exist: {path.parent}")
     was_training = model.training
@@ -66,6 +77,15 @@ def export_onnx(
                 dynamo=dynamo,
                 **kwargs,
             )
+    except Exception as e:
+        cells = (m for m in model.modules() if isinstance(m, (BConvCell, BConvCellV2)))
+        fused = sorted({m.backend for m in cells if m.backend != "reference"})
+        if fused:
+            raise RuntimeError(
+                f"ONNX export of {path} failed; the model has BConv-Cells with backend {fused}, whose fused "
+                'custom ops may not be exportable: set cell.backend = "reference" first'
+            ) from e
+        raise
     finally:
         model.train(was_training)
     return path
