@@ -15,6 +15,15 @@ import ptl_fused
 from ptl_fused.reid import export_onnx
 
 
+def _session(path) -> ort.InferenceSession:
+    # One thread, no spin-waiting: idle ORT threads would otherwise keep spinning and slow the
+    # tests that run after these on a small machine.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class _Output(NamedTuple):
     feature: torch.Tensor
     logits: torch.Tensor
@@ -48,7 +57,7 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, opset):
     proto = onnx.load(str(path))
     assert [o.name for o in proto.graph.output] == ["feature"]
     assert opset is None or proto.opset_import[0].version == opset
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _session(path)
     model.eval()
     for batch in (1, 3):
         x = torch.randn(batch, 3, 16, 8)
@@ -64,7 +73,7 @@ def test_plain_tensor_model_and_missing_folder(tmp_path):
     path = export_onnx(model, tmp_path / "plain.onnx", 8, 4, opset=18)
     assert onnx.load(str(path)).opset_import[0].version == 18
     x = torch.randn(2, 3, 8, 4)
-    (got,) = ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})
+    (got,) = _session(path).run(None, {"images": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model.eval()(x).numpy(), atol=1e-4, rtol=0)
     with pytest.raises(FileNotFoundError, match="folder for the ONNX file does not exist"):
