@@ -16,7 +16,8 @@ Written from the paper, following the conventions of the widely used reference i
   sum max = 2 - sum min because each V sums to 1;
 - final = (1 - lambda) * d_J + lambda * (normalised squared distance), for the query rows and
   gallery columns.
-V is kept sparse (scipy.sparse), so memory is O(N^2) only for the pooled distance matrix.
+V is kept sparse (scipy.sparse); memory is dominated by two float32 (N, N) copies of the pooled
+distances (about 4 GB for Market-1501's 23,100 images; MSMT17's 93,820 would need 70 GB).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 def _as_array(a) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
-    return np.asarray(a, dtype=np.float64)
+    return np.asarray(a, dtype=np.float32)
 
 
 def _k_reciprocal(nearest: np.ndarray) -> list[np.ndarray]:
@@ -70,8 +71,11 @@ def re_rank(
         )
     if k1 < 1 or k2 < 1:
         raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
-    dist = np.block([[q_q, q_g], [q_g.T, g_g]]) ** 2
-    dist = np.ascontiguousarray((dist / dist.max(axis=0)).T)
+    # float32 and in place, like the reference: the pooled (N, N) matrix is the memory peak.
+    dist = np.block([[q_q, q_g], [q_g.T, g_g]])
+    np.square(dist, out=dist)
+    dist /= dist.max(axis=0)
+    dist = np.ascontiguousarray(dist.T)
     n = len(dist)
     half = int(np.around(k1 / 2))
     nearest = _sorted_neighbours(dist, max(k1 + 1, k2))
