@@ -43,7 +43,7 @@ def write_report(data: dict, json_path: str) -> None:
         comp = impls.get("compile", {}).get("stats", {}).get("min")
         for impl, b in impls.items():
             e, t = b["extra_info"], b["stats"]["min"]
-            gbs = f"{e['bytes'] / t / 1e9:.1f}" if e["pass_"] == "fwd" else ""
+            gbs = f"{e['bytes'] / t / 1e9:.1f}" if e["pass_"] in ("fwd", "eval") else ""
             cols = [
                 e["shape_desc"],
                 e["version"],
@@ -58,13 +58,38 @@ def write_report(data: dict, json_path: str) -> None:
                 f"{e['flops'] / t / 1e12:.3f}",
             ]
             if peaks:
-                bound = max(e["flops"] / peaks[0], (e["bytes"] / peaks[1]) if e["pass_"] == "fwd" else 0)
+                bound = max(e["flops"] / peaks[0], (e["bytes"] / peaks[1]) if e["pass_"] != "fwd+bwd" else 0)
                 cols.append(f"{t / bound:.2f}")
             cols.append(f"{e['saved_bytes'] / 2**20:.1f}")
             lines.append("| " + " | ".join(cols) + " |")
+    lines += _eval_vs_training(rows)
     out = Path(json_path)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(by_group, out.with_suffix(".png"), info.get("device", ""))
+
+
+def _eval_vs_training(rows: list[dict]) -> list[str]:
+    """Eval (the zero-state shortcut) time over the same backend's training forward time, and
+    v2 eval over v1 eval (targets of the inference issue: <= 0.8 on GEMM-bound shapes; <= 1.1)."""
+    keys = ("shape", "version", "pass_", "impl")
+    t = {tuple(b["extra_info"][k] for k in keys): b["stats"]["min"] for b in rows}
+    out = []
+    for (shape, version, pass_, impl), te in t.items():
+        tf = t.get((shape, version, "fwd", impl))
+        if pass_ != "eval" or tf is None or impl in ("eager", "compile"):
+            continue
+        v1 = t.get((shape, "v1", "eval", impl))
+        out.append(f"| {shape} | {version} | {impl} | {te / tf:.2f} | {te / v1:.2f} |")
+    if not out:
+        return []
+    return [
+        "",
+        "## Eval shortcut vs training forward (min times)",
+        "",
+        "| shape | cell | impl | eval / training fwd | eval / v1 eval |",
+        "|---|---|---|---|---|",
+        *out,
+    ]
 
 
 def _plot(by_group: dict, path: Path, device: str) -> None:

@@ -49,6 +49,18 @@ class Shape:
         total = (x + weights + state) * e + 2 * state * s
         return total + (2 * state * s if v2 else 0)
 
+    def eval_flops(self) -> int:
+        """FLOPs of the eval shortcut, v1 and v2 alike: the i, o, g rows of the gate conv over x."""
+        ho, wo = self.out_hw
+        return 2 * self.batch * ho * wo * 3 * self.cout * self.cin * self.k**2
+
+    def eval_bytes(self, dtype: torch.dtype) -> int:
+        """Compulsory traffic of the eval shortcut: x, the i, o, g weights over x, y."""
+        e = torch.finfo(dtype).bits // 8
+        ho, wo = self.out_hw
+        x = self.batch * self.cin * self.h * self.w
+        return (x + 3 * self.cout * self.cin * self.k**2 + self.batch * self.cout * ho * wo) * e
+
 
 # The foundation table: the PTL networks' cells, k3 p1.
 TABLE = [

@@ -124,3 +124,61 @@ def test_cell(benchmark, shape, impl, v2, pass_, dtype):
         saved_bytes=saved_bytes(lambda: fn(*args)),
     )
     benchmark(forward if pass_ == "fwd" else forward_backward)
+
+
+@functools.cache
+def eval_fn(impl: str, v2: bool):
+    """Eval from the zero state: eager/compile run the full python_ref cell on zero states (what
+    a plain PyTorch user runs); a backend runs the shortcut from prepared (cached) parameters,
+    as the modules do."""
+    ref = python_ref.bconv_cell_v2 if v2 else python_ref.bconv_cell
+    if impl == "eager":
+        return ref
+    if impl == "compile":
+        return torch.compile(ref, mode=COMPILE_MODE)
+    return functools.partial(ops.bconv_cell_eval, backend=impl)
+
+
+def eval_args(impl: str, args: list, v2: bool) -> list:
+    zeros = [torch.zeros_like(a) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args]
+    zeros[0] = args[0]  # x stays
+    if impl in ("eager", "compile"):
+        return zeros
+    x, w, b = args[0], args[1], args[2]
+    if v2:
+        w3, gate_map = ops.v2_eval_params(w, b, args[4], x.shape[-2:], args[-2], args[-1])
+        return [x, w3, None, gate_map, args[-2], args[-1]]
+    return [x, python_ref.eval_gate_rows(w), None, None, args[-2], args[-1]]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cell_eval(benchmark, shape, impl, v2, dtype):
+    args, _ = make_args(shape, v2, dtype)
+    with torch.no_grad():
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        call_args = eval_args(impl, args, v2)
+    fn = eval_fn(impl, v2)
+
+    def forward():
+        with torch.no_grad():
+            out = fn(*call_args)
+        _sync()
+        return out
+
+    forward()  # warm-up (compile, autotune)
+    version = "v2" if v2 else "v1"
+    benchmark.group = f"{shape.name} {version} eval"
+    benchmark.extra_info.update(
+        impl=impl,
+        shape=shape.name,
+        shape_desc=shape.describe(),
+        version=version,
+        pass_="eval",
+        dtype=str(dtype).removeprefix("torch."),
+        device=DEVICE.type,
+        flops=shape.eval_flops(),
+        bytes=shape.eval_bytes(dtype),
+        saved_bytes=0,
+    )
+    benchmark(forward)

@@ -1,13 +1,16 @@
-"""Market-1501 evaluation against hand-worked cases and a slow loop over queries."""
+"""ReID evaluation (Market-1501 and CUHK03 protocols), features and distances, against hand-worked
+cases, slow loops and exact expectations."""
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+import torch
 
-from ptl_fused.reid import evaluate
+from ptl_fused.reid import compute_distance, evaluate, evaluate_features, extract_features
 
 
 def _slow_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
@@ -78,3 +81,196 @@ def test_shape_errors():
         evaluate(np.zeros((3, 4)), [1, 2], [1, 2, 3, 4], [0, 0], [1, 1, 1, 1])
     with pytest.raises(ValueError, match="distmat must be 2-D"):
         evaluate(np.zeros(4), [1], [1, 2, 3, 4], [0], [1, 1, 1, 1])
+
+
+# ---------------------------------------------------------------- CUHK03 single-gallery-shot protocol
+def _cuhk03_case():
+    # One query (pid 1, cam 0). Gallery by distance: a pid 2, b pid 1 cam 1, c pid 2, d pid 1 cam 1,
+    # e pid 1 cam 0 (same camera as the query: removed). One image per identity is drawn:
+    # the query's match is at rank 1 only if pid 2 draws c and pid 1 draws b: probability 1/4.
+    dist = np.array([[0.1, 0.2, 0.3, 0.4, 0.05]])
+    g_pids, g_cams = np.array([2, 1, 2, 1, 1]), np.array([1, 1, 1, 1, 0])
+    return dist, np.array([1]), g_pids, np.array([0]), g_cams
+
+
+def test_cuhk03_hand_worked_probability():
+    dist, q_pids, g_pids, q_cams, g_cams = _cuhk03_case()
+    cmc, m_ap = evaluate(
+        dist, q_pids, g_pids, q_cams, g_cams, max_rank=3, protocol="cuhk03", num_repeats=4000
+    )
+    assert cmc[0] == pytest.approx(0.25, abs=0.03)  # 4 standard deviations of the 4000-draw mean
+    np.testing.assert_allclose(cmc[1:], [1, 1])  # at worst the match is second of two identities
+    # AP is that of the full kept ranking a, b, c, d: (1/2 + 2/4) / 2.
+    assert m_ap == pytest.approx(0.5)
+    cmc10, _ = evaluate(dist, q_pids, g_pids, q_cams, g_cams, max_rank=3, protocol="cuhk03")
+    assert cmc10[0] * 10 == pytest.approx(round(cmc10[0] * 10))  # a mean of 10 draws of 0 or 1
+
+
+def test_cuhk03_seeded_and_chunk_invariant():
+    rng = np.random.default_rng(3)
+    nq, ng = 9, 30
+    q_pids, g_pids = rng.integers(0, 4, nq), rng.integers(0, 4, ng)
+    q_cams, g_cams = rng.integers(0, 2, nq), rng.integers(0, 2, ng)
+    dist = rng.random((nq, ng))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = [
+            evaluate(dist, q_pids, g_pids, q_cams, g_cams, 5, chunk, protocol="cuhk03", seed=seed)
+            for chunk, seed in ((1, 0), (4, 0), (1024, 0), (1024, 1))
+        ]
+    for cmc, m_ap in runs[1:3]:
+        np.testing.assert_array_equal(cmc, runs[0][0])
+        assert m_ap == pytest.approx(runs[0][1], rel=1e-12)  # up to the order of summation
+    assert not np.array_equal(runs[3][0], runs[0][0])  # another seed, other draws
+
+
+def test_cuhk03_equals_market_when_each_identity_has_one_image():
+    rng = np.random.default_rng(4)
+    nq, ng = 12, 25
+    g_pids = rng.permutation(ng)  # one gallery image per identity: nothing random is left
+    q_pids = rng.choice(g_pids, nq)
+    q_cams, g_cams = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+    dist = rng.random((nq, ng))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = evaluate(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+        got = evaluate(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10, protocol="cuhk03")
+    np.testing.assert_allclose(got[0], want[0])
+    assert got[1] == pytest.approx(want[1])
+
+
+def _expected_cuhk03_cmc(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
+    """Exact expectation of the single-shot CMC: for each possible drawn true match t, every
+    other identity u independently lands before t with probability (its kept images before t) / |u|;
+    the rank of t is 1 + the number that do (a Poisson-binomial count)."""
+    all_cmc = []
+    for i in range(len(q_pids)):
+        order = sorted(range(len(g_pids)), key=lambda j: (distmat[i, j], j))
+        kept = [j for j in order if not (g_pids[j] == q_pids[i] and g_camids[j] == q_camids[i])]
+        groups = {}
+        for pos, j in enumerate(kept):
+            groups.setdefault(g_pids[j], []).append(pos)
+        if q_pids[i] not in groups:
+            continue
+        cmc = np.zeros(max_rank)
+        for t in groups[q_pids[i]]:
+            count = np.array([1.0])  # distribution of the number of identities drawn before t
+            for pid, positions in groups.items():
+                if pid != q_pids[i]:
+                    p = sum(pos < t for pos in positions) / len(positions)
+                    count = np.convolve(count, [1 - p, p])
+            cdf = np.cumsum(count)
+            cmc += np.array([cdf[min(r, len(cdf) - 1)] for r in range(max_rank)]) / len(groups[q_pids[i]])
+        all_cmc.append(cmc)
+    return np.mean(all_cmc, axis=0)
+
+
+def test_cuhk03_matches_exact_expectation():
+    rng = np.random.default_rng(5)
+    nq, ng = 6, 24
+    q_pids, g_pids = rng.integers(0, 5, nq), rng.integers(0, 5, ng)
+    q_cams, g_cams = rng.integers(0, 2, nq), rng.integers(0, 2, ng)
+    dist = rng.random((nq, ng))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cmc, _ = evaluate(
+            dist, q_pids, g_pids, q_cams, g_cams, max_rank=5, protocol="cuhk03", num_repeats=2000
+        )
+    want = _expected_cuhk03_cmc(dist, q_pids, g_pids, q_cams, g_cams, 5)
+    assert 0.05 < want[0] < 0.95  # a case where the draws matter
+    np.testing.assert_allclose(cmc, want, atol=0.03)
+
+
+def test_protocol_errors():
+    dist, q_pids, g_pids, q_cams, g_cams = _cuhk03_case()
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol="viper")
+    with pytest.raises(ValueError, match="num_repeats must be >= 1"):
+        evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol="cuhk03", num_repeats=0)
+
+
+# ---------------------------------------------------------------- features, distances, chunked evaluation
+def test_compute_distance_definitions():
+    torch.manual_seed(0)
+    qf, gf = torch.randn(7, 5), torch.randn(11, 5)
+    torch.testing.assert_close(compute_distance(qf, gf), torch.cdist(qf, gf) ** 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compute_distance(qf, gf, chunk=3), compute_distance(qf, gf))
+    cos = torch.nn.functional.cosine_similarity(qf[:, None], gf[None], dim=2)
+    torch.testing.assert_close(compute_distance(qf, gf, "cosine"), 1 - cos, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="metric must be"):
+        compute_distance(qf, gf, "manhattan")
+    with pytest.raises(
+        ValueError, match=r"qf and gf must be \(Nq, D\) and \(Ng, D\), got \(7, 5\) and \(11, 4\)"
+    ):
+        compute_distance(qf, gf[:, :4])
+
+
+@pytest.mark.parametrize("protocol", ["market", "cuhk03"])
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_evaluate_features_equals_full_distmat(chunk, protocol):
+    rng = np.random.default_rng(6)
+    nq, ng = 17, 40
+    # Small integer features: every distance is exact in float32, and there are many ties.
+    qf = torch.tensor(rng.integers(-2, 3, (nq, 3)), dtype=torch.float32)
+    gf = torch.tensor(rng.integers(-2, 3, (ng, 3)), dtype=torch.float32)
+    q_pids, g_pids = rng.integers(0, 6, nq), rng.integers(-1, 6, ng)
+    q_cams, g_cams = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = evaluate(
+            compute_distance(qf, gf), q_pids, g_pids, q_cams, g_cams, max_rank=8, protocol=protocol
+        )
+        got = evaluate_features(
+            qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=8, chunk=chunk, device="cpu", protocol=protocol
+        )
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == pytest.approx(want[1], rel=1e-12)  # up to the order of summation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cos_want = evaluate(compute_distance(qf, gf, "cosine"), q_pids, g_pids, q_cams, g_cams, max_rank=8)
+        cos_got = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, "cosine", max_rank=8, chunk=chunk)
+    np.testing.assert_allclose(cos_got[0], cos_want[0])
+    assert cos_got[1] == pytest.approx(cos_want[1])
+
+
+def test_evaluate_features_shape_errors():
+    with pytest.raises(ValueError, match="qf/gf has 4 gallery columns but g_pids/g_camids have 3/3"):
+        evaluate_features(torch.zeros(2, 3), torch.zeros(4, 3), [1, 2], [1, 2, 3], [0, 0], [1, 1, 1])
+
+
+class _Output(NamedTuple):
+    feature: torch.Tensor
+    logits: torch.Tensor
+
+
+class _AsymmetricNet(torch.nn.Module):
+    """feature = a linear map of the flattened image: differs for an image and its mirror."""
+
+    def __init__(self, named: bool):
+        super().__init__()
+        self.fc, self.named = torch.nn.Linear(3 * 4 * 2, 5), named
+
+    def forward(self, x):
+        assert not self.training and not torch.is_grad_enabled()
+        f = self.fc(x.flatten(1))
+        return _Output(f, f.sum(1)) if self.named else f
+
+
+def test_extract_features_flip_and_normalisation():
+    torch.manual_seed(0)
+    images = torch.randn(5, 3, 4, 2)
+    data = torch.utils.data.TensorDataset(images, torch.arange(5) + 10, torch.tensor([0, 1, 0, 1, 2]))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    net = _AsymmetricNet(named=True).train()
+    feats, pids, camids = extract_features(net, loader, device="cpu")
+    assert net.training  # restored
+    with torch.no_grad():
+        raw = (net.fc(images.flatten(1)) + net.fc(images.flip(3).flatten(1))) / 2
+    torch.testing.assert_close(feats, torch.nn.functional.normalize(raw, dim=1))
+    assert feats.dtype == torch.float32 and feats.device.type == "cpu"
+    np.testing.assert_array_equal(pids, np.arange(5) + 10)
+    np.testing.assert_array_equal(camids, [0, 1, 0, 1, 2])
+    plain_net = _AsymmetricNet(named=False)
+    plain, _, _ = extract_features(plain_net, loader, flip=False, normalize=False)
+    with torch.no_grad():
+        torch.testing.assert_close(plain, plain_net.fc(images.flatten(1)))

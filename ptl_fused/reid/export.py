@@ -1,0 +1,91 @@
+"""Export a ReID model's retrieval feature to ONNX.
+
+In eval mode every BConv-Cell starts from zero state, so the network is feed-forward and
+exports as a plain graph: input "images" (B, 3, height, width) float32, output "feature" (B, D),
+with a dynamic batch axis. A model that returns an object with `.feature` (ModelOutput) is
+wrapped so that the graph outputs only the feature.
+
+Exporter: torch.onnx.export's torch.export-based exporter (the default since torch 2.9, needs
+onnxscript) for opset >= 18 (its own default is 20). It implements no older opset, and its
+down-conversion produced invalid graphs here (torch 2.14, onnxscript 0.7: a Split with opset-18
+attributes in an opset-17 model), so for opset < 18 the TorchScript-based exporter (deprecated by
+torch, still reliable) is used; `dynamo=True/False` forces one. Both export cells with
+backend="reference" (plain PyTorch ops) and match PyTorch's outputs in ONNX Runtime. A cell
+whose backend is a fused kernel (ptl_fused.bconv_cell_fwd custom op) has no ONNX translation
+yet: set `cell.backend = "reference"` on such cells before exporting (eval-mode outputs agree
+within the backends' tolerances).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..modules import BConvCell, BConvCellV2
+
+
+class _FeatureOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        output = self.model(images)
+        return getattr(output, "feature", output)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    height: int,
+    width: int,
+    opset: int | None = None,
+    dynamo: bool | None = None,
+) -> Path:
+    """Write model's eval-mode feature as an ONNX graph to `path`; returns the path.
+
+    The model stays on its device (the example input (2, 3, height, width) is made there); its
+    training mode is restored afterwards. opset=None takes the exporter's default; dynamo=None
+    picks the exporter from the opset (see the module docstring).
+    """
+    path = Path(path)
+    if dynamo is None:
+        dynamo = opset is None or opset >= 18
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder for the ONNX file does not exist: {path.parent}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    example = torch.randn(2, 3, height, width, device=device)
+    try:
+        kwargs = {"opset_version": opset} if opset is not None else {}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            if dynamo:
+                kwargs.update(dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+            else:
+                kwargs["dynamic_axes"] = {"images": {0: "batch"}, "feature": {0: "batch"}}
+            torch.onnx.export(
+                _FeatureOnly(model).eval(),
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["feature"],
+                dynamo=dynamo,
+                **kwargs,
+            )
+    except Exception as e:
+        cells = (m for m in model.modules() if isinstance(m, (BConvCell, BConvCellV2)))
+        fused = sorted({m.backend for m in cells if m.backend != "reference"})
+        if fused:
+            raise RuntimeError(
+                f"ONNX export of {path} failed; the model has BConv-Cells with backend {fused}, whose fused "
+                'custom ops may not be exportable: set cell.backend = "reference" first'
+            ) from e
+        raise
+    finally:
+        model.train(was_training)
+    return path

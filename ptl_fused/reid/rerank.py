@@ -1,0 +1,113 @@
+"""k-reciprocal re-ranking (Zhong, Zheng, Cao, Li; "Re-ranking Person Re-identification with
+k-reciprocal Encoding", CVPR 2017), on distance matrices.
+
+Written from the paper, following the conventions of the widely used reference implementation
+(zhunzhong07/person-re-ranking as adapted in torchreid's rerank.py), so that results agree:
+- the query and gallery are pooled into one set of N = num_q + num_g points; the input distances
+  are squared and each column divided by its maximum, and the matrix is transposed (for a
+  symmetric input: every row divided by its maximum);
+- N(p, k) is the k + 1 nearest points of p, p itself included (a stable sort breaks ties);
+  R(p, k) = {g in N(p, k) : p in N(g, k)};
+- R*(p) = R(p, k1) united with every R(q, round(k1 / 2)), q in R(p, k1), that shares more than
+  2/3 of its members with R(p, k1);
+- V_p = exp(-d(p, g)) over g in R*(p), normalised to sum 1; local query expansion (k2 > 1)
+  replaces V_p by the mean of V_g over the k2 nearest points g (p included);
+- Jaccard distance d_J(p, g) = 1 - sum min(V_p, V_g) / sum max(V_p, V_g), where
+  sum max = 2 - sum min because each V sums to 1;
+- final = (1 - lambda) * d_J + lambda * (normalised squared distance), for the query rows and
+  gallery columns.
+V is kept sparse (scipy.sparse); memory is dominated by two float32 (N, N) copies of the pooled
+distances (about 4 GB for Market-1501's 23,100 images; MSMT17's 93,820 would need 70 GB).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def _as_array(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=np.float32)
+
+
+def _k_reciprocal(nearest: np.ndarray) -> list[np.ndarray]:
+    """nearest (N, k+1) neighbour indices -> for each p, R(p, k) in nearest-first order."""
+    points = np.arange(len(nearest))
+    back = nearest[nearest]  # (N, k+1, k+1): the neighbours of each neighbour
+    mutual = (back == points[:, None, None]).any(axis=2)
+    return [row[m] for row, m in zip(nearest, mutual, strict=True)]
+
+
+def _sorted_neighbours(dist: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """The first k columns of a stable row-wise argsort, computed in row chunks to bound memory."""
+    k = min(k, dist.shape[1])
+    return np.concatenate(
+        [np.argsort(dist[s : s + chunk], axis=1, kind="stable")[:, :k] for s in range(0, len(dist), chunk)]
+    )
+
+
+def re_rank(
+    q_g_dist: np.ndarray,
+    q_q_dist: np.ndarray,
+    g_g_dist: np.ndarray,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> np.ndarray:
+    """Re-ranked (num_q, num_g) float32 distances from the q-g, q-q and g-g distance matrices.
+
+    Inputs are numpy arrays or tensors (e.g. from compute_distance); k1, k2, lambda_value as in
+    the paper (20, 6, 0.3). lambda_value=1 returns the normalised squared input distances.
+    """
+    q_g, q_q, g_g = (_as_array(a) for a in (q_g_dist, q_q_dist, g_g_dist))
+    num_q, num_g = q_g.shape if q_g.ndim == 2 else (-1, -1)
+    if q_g.ndim != 2 or q_q.shape != (num_q, num_q) or g_g.shape != (num_g, num_g):
+        raise ValueError(
+            f"expected q_g_dist (Q, G), q_q_dist (Q, Q), g_g_dist (G, G); got "
+            f"{q_g.shape}, {q_q.shape}, {g_g.shape}"
+        )
+    if k1 < 1 or k2 < 1:
+        raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
+    # float32 and in place, like the reference: the pooled (N, N) matrix is the memory peak.
+    dist = np.block([[q_q, q_g], [q_g.T, g_g]])
+    np.square(dist, out=dist)
+    dist /= dist.max(axis=0)
+    dist = np.ascontiguousarray(dist.T)
+    n = len(dist)
+    half = int(np.around(k1 / 2))
+    nearest = _sorted_neighbours(dist, max(k1 + 1, k2))
+    recip = _k_reciprocal(nearest[:, : k1 + 1])
+    recip_half = _k_reciprocal(nearest[:, : half + 1])
+
+    rows, cols, vals = [], [], []
+    for p in range(n):
+        members = set(recip[p].tolist())
+        expanded = set(members)
+        for q in recip[p]:
+            candidate = recip_half[q]
+            if len(members.intersection(candidate.tolist())) > 2 / 3 * len(candidate):
+                expanded.update(candidate.tolist())
+        idx = np.fromiter(sorted(expanded), dtype=np.int64)
+        weight = np.exp(-dist[p, idx])
+        rows.append(np.full(len(idx), p))
+        cols.append(idx)
+        vals.append(weight / weight.sum())
+    v = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    if k2 > 1:  # local query expansion: average over the k2 nearest points
+        expand = sp.csr_matrix(
+            (np.full(n * k2, 1.0 / k2), (np.repeat(np.arange(n), k2), nearest[:, :k2].ravel())), shape=(n, n)
+        )
+        v = expand @ v
+    v_cols = v.tocsc()
+    jaccard = np.empty((num_q, n))
+    for p in range(num_q):
+        start, end = v.indptr[p], v.indptr[p + 1]
+        shared = v_cols[:, v.indices[start:end]].tocoo()  # the points that share a member with p
+        overlap = np.minimum(shared.data, v.data[start:end][shared.col])
+        s = np.bincount(shared.row, weights=overlap, minlength=n)
+        jaccard[p] = 1 - s / (2 - s)
+    final = (1 - lambda_value) * jaccard + lambda_value * dist[:num_q]
+    return final[:, num_q:].astype(np.float32)
