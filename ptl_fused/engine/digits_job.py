@@ -55,6 +55,10 @@ def method_config(cfg: dict, method: str, seed: int, teacher: str | None) -> dic
 def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | None = None) -> dict:
     """Run every method for every seed; print a table, write results.json and curves.png."""
     d, out = cfg["digits"], Path(cfg["out"])
+    if resume not in (None, "auto"):
+        raise ValueError(
+            "the digits job runs many trainings: resume it with --resume auto, not a single file"
+        )
     unknown = set(d["methods"]) - set(CELLS)
     if unknown:
         raise ValueError(f"digits.methods: unknown {sorted(unknown)}; choose from {list(CELLS)}")
