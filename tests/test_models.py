@@ -220,6 +220,18 @@ def test_pretrained_loads_a_local_torchvision_state_dict(tmp_path):
         assert torch.equal(got[k], want[k]), k
 
 
+def test_mgn_pretrained_reaches_every_branch(tmp_path):
+    torch.manual_seed(2)
+    source = tvm.resnet50(weights=None)
+    net = MGN(4, cell="v1", pretrained=_save(source.state_dict(), tmp_path / "r50.pth"), input_size=(64, 32))
+    assert torch.equal(net.body.stages[0][0].weight, source.conv1.weight)
+    assert torch.equal(net.body.stages[3].conv1.weight, source.layer3[0].conv1.weight)
+    for branch in net.branches:  # each branch: its own copy of layer3[1:] and layer4, both loaded
+        assert torch.equal(branch[0][0].conv1.weight, source.layer3[1].conv1.weight)
+        assert torch.equal(branch[1][0].conv2.weight, source.layer4[0].conv2.weight)
+    assert net.branches[1][1][0].conv2.weight is not net.branches[2][1][0].conv2.weight
+
+
 def test_pretrained_densenet_file_with_torchvision_published_key_names(tmp_path):
     """torchvision's published DenseNet files say "norm.1" for "norm1" and have no BN counters."""
     source = tvm.densenet121(weights=None)
