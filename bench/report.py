@@ -14,7 +14,8 @@ def _peaks(device: str):
 
 def write_report(data: dict, json_path: str) -> None:
     rows = [b for b in data["benchmarks"] if "impl" in b.get("extra_info", {})]
-    if not rows:
+    net_rows = [b for b in data["benchmarks"] if "net_impl" in b.get("extra_info", {})]
+    if not rows and not net_rows:
         return
     info = data["machine_info"].get("ptl_fused", {})
     peaks = _peaks(info.get("device", ""))
@@ -63,9 +64,11 @@ def write_report(data: dict, json_path: str) -> None:
             cols.append(f"{e['saved_bytes'] / 2**20:.1f}")
             lines.append("| " + " | ".join(cols) + " |")
     lines += _eval_vs_training(rows)
+    lines += _network(net_rows)
     out = Path(json_path)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(by_group, out.with_suffix(".png"), info.get("device", ""))
+    if by_group:
+        _plot(by_group, out.with_suffix(".png"), info.get("device", ""))
 
 
 def _eval_vs_training(rows: list[dict]) -> list[str]:
@@ -88,6 +91,33 @@ def _eval_vs_training(rows: list[dict]) -> list[str]:
         "",
         "| shape | cell | impl | eval / training fwd | eval / v1 eval |",
         "|---|---|---|---|---|",
+        *out,
+    ]
+
+
+def _network(rows: list[dict]) -> list[str]:
+    """PTLNet step time per cell backend over the plain backbone's, beside the cells' FLOP share."""
+    base = {
+        b["extra_info"]["pass_"]: b["stats"]["min"] for b in rows if b["extra_info"]["net_impl"] == "baseline"
+    }
+    out = []
+    for b in rows:
+        e, t = b["extra_info"], b["stats"]["min"]
+        over = f"{100 * (t / base[e['pass_']] - 1):+.1f}%" if e["pass_"] in base else ""
+        share = f"{100 * e['cell_flop_share']:.1f}%"
+        out.append(f"| {b['group']} | {e['pass_']} | {e['net_impl']} | {e['batch']} | {e['dtype']} | "
+                   f"{t * 1e3:.1f} | {over} | {share} |")  # fmt: skip
+    if not out:
+        return []
+    return [
+        "",
+        "## Whole network (ResNet-50 PTLNet at 256x128 vs the plain backbone, same head)",
+        "",
+        "Overhead = step time / plain backbone's - 1; FLOP share = the cells' and fusions' "
+        "training-forward FLOPs / the plain network's.",
+        "",
+        "| group | pass | cells | batch | dtype | min ms | time overhead | FLOP share |",
+        "|---|---|---|---|---|---|---|---|",
         *out,
     ]
 

@@ -44,11 +44,13 @@ class _TinyPTLNet(nn.Module):
         return _Output(feature, self.classifier(feature))
 
 
-# opset None: the torch.export-based exporter; opset 17: the TorchScript-based one.
+# opset None: the torch.export-based exporter; opset 17: the TorchScript-based one. Fused
+# backends trace as plain ATen ops (the eval shortcut) while exporting.
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("opset", [None, 17])
-def test_onnx_round_trip_matches_pytorch(tmp_path, opset):
+def test_onnx_round_trip_matches_pytorch(tmp_path, opset, backend):
     torch.manual_seed(0)
-    model = _TinyPTLNet()
+    model = _TinyPTLNet(backend)
     model.train()
     with torch.no_grad():  # non-trivial BN statistics and a carried state that eval must ignore
         model(torch.randn(4, 3, 16, 8))

@@ -9,11 +9,9 @@ Exporter: torch.onnx.export's torch.export-based exporter (the default since tor
 onnxscript) for opset >= 18 (its own default is 20). It implements no older opset, and its
 down-conversion produced invalid graphs here (torch 2.14, onnxscript 0.7: a Split with opset-18
 attributes in an opset-17 model), so for opset < 18 the TorchScript-based exporter (deprecated by
-torch, still reliable) is used; `dynamo=True/False` forces one. Both export cells with
-backend="reference" (plain PyTorch ops) and match PyTorch's outputs in ONNX Runtime. A cell
-whose backend is a fused kernel (ptl_fused.bconv_cell_fwd custom op) has no ONNX translation
-yet: set `cell.backend = "reference"` on such cells before exporting (eval-mode outputs agree
-within the backends' tolerances).
+torch, still reliable) is used; `dynamo=True/False` forces one. Whatever their backend, the
+cells trace as plain ATen ops while an exporter runs (ptl_fused.ops.exporting), through the
+eval shortcut of python_ref/eval_path.py, so the graph needs no custom op.
 """
 
 from __future__ import annotations
@@ -23,8 +21,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-
-from ..modules import BConvCell, BConvCellV2
 
 
 class _FeatureOnly(nn.Module):
@@ -77,15 +73,6 @@ def export_onnx(
                 dynamo=dynamo,
                 **kwargs,
             )
-    except Exception as e:
-        cells = (m for m in model.modules() if isinstance(m, (BConvCell, BConvCellV2)))
-        fused = sorted({m.backend for m in cells if m.backend != "reference"})
-        if fused:
-            raise RuntimeError(
-                f"ONNX export of {path} failed; the model has BConv-Cells with backend {fused}, whose fused "
-                'custom ops may not be exportable: set cell.backend = "reference" first'
-            ) from e
-        raise
     finally:
         model.train(was_training)
     return path

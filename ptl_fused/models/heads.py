@@ -1,0 +1,66 @@
+"""What every network returns (ModelOutput) and the two heads of DESIGN.md §1."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+
+class ModelOutput(NamedTuple):
+    """Every network's output, in train and eval mode.
+
+    feature: (B, D) the evaluation embedding (ReID retrieval, STD's distillation target).
+    logits: every classifier's output, each (B, num_classes); length 1 for single-head nets.
+    embeddings: the features the triplet loss uses, each (B, d); (feature,) for single-head nets.
+    """
+
+    feature: Tensor
+    logits: tuple[Tensor, ...]
+    embeddings: tuple[Tensor, ...]
+
+
+class ReIDHead(nn.Module):
+    """The three FC layers of the ReID network: feature map (B, C, h, w) -> ModelOutput.
+
+    global average pool -> FC(C, 2·feat_dim)-BN-ReLU -> FC(2·feat_dim, feat_dim)-BN = feature
+    -> FC(feat_dim, num_classes) = logits. The feature is taken after its BN (the retrieval
+    embedding of BNNeck-style ReID baselines) and is also the triplet embedding.
+    """
+
+    def __init__(self, in_channels: int, feat_dim: int, num_classes: int) -> None:
+        super().__init__()
+        hidden = 2 * feat_dim
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.embed = nn.Sequential(
+            nn.Linear(in_channels, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, feat_dim, bias=False),
+            nn.BatchNorm1d(feat_dim),
+        )
+        self.classifier = nn.Linear(feat_dim, num_classes)
+
+    def forward(self, fmap: Tensor) -> ModelOutput:
+        feature = self.embed(self.pool(fmap))
+        return ModelOutput(feature, (self.classifier(feature),), (feature,))
+
+
+class ClassificationHead(nn.Module):
+    """The two linear layers for image classification: feature map (B, C, h, w) -> ModelOutput.
+
+    global average pool -> Linear(C, feat_dim)-ReLU = feature -> Linear(feat_dim, num_classes).
+    """
+
+    def __init__(self, in_channels: int, feat_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.embed = nn.Sequential(nn.Linear(in_channels, feat_dim), nn.ReLU())
+        self.classifier = nn.Linear(feat_dim, num_classes)
+
+    def forward(self, fmap: Tensor) -> ModelOutput:
+        feature = self.embed(self.pool(fmap))
+        return ModelOutput(feature, (self.classifier(feature),), (feature,))
+
+
+HEADS = {"reid": ReIDHead, "classification": ClassificationHead}

@@ -1,0 +1,183 @@
+"""ptl_wrap: stage discovery per torchvision family, cell strides from measured sizes, the carried
+state through a whole network, and equality with python_ref.ptl_forward (the formula)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+
+import ptl_fused
+from ptl_fused import BConvCell, BConvCellV2
+from ptl_fused.models import find_stages, ptl_wrap
+from python_ref.ptl_net import ptl_forward
+
+# family -> (builder, halvings of the cell chains (hand-derived from the architecture),
+# the plain backbone's own computation of its last stage output)
+FAMILIES = {
+    "resnet18": (
+        tvm.resnet18,
+        [2, 0, 1, 1, 1],  # stem /4 (conv + maxpool), layer1 keeps, layer2..4 halve
+        lambda m, x: m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))))),
+    ),
+    "densenet121": (tvm.densenet121, [2, 1, 1, 1, 0], lambda m, x: F.relu(m.features(x))),
+    "mobilenet_v3_small": (tvm.mobilenet_v3_small, [1, 1, 1, 1, 1], lambda m, x: m.features(x)),
+    "efficientnet_b0": (tvm.efficientnet_b0, [1, 1, 1, 1, 1], lambda m, x: m.features(x)),
+    "convnext_tiny": (tvm.convnext_tiny, [2, 1, 1, 1], lambda m, x: m.features(x)),  # stem k4 s4
+}
+
+
+def _cells(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (BConvCell, BConvCellV2))]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 64)], ids=["64x64", "96x64"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families_shapes_and_state(family, size):
+    build, halvings, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    backbone = build(weights=None)
+    net = ptl_wrap(backbone, "auto", backend="cpu", input_size=size)
+    assert net.halvings == halvings
+    k = len(halvings)
+    assert len(net.stages) == k and len(net.cells) == k and len(net.fuses) == k - 1
+    c_last, h_last, w_last = net.stage_shapes[-1]
+    assert (h_last, w_last) == (size[0] // 32, size[1] // 32)
+    assert net.out_channels == c_last  # default: the last stage's channels
+
+    x1, x2 = torch.randn(2, 3, *size), torch.randn(2, 3, *size)
+    net.train()
+    out1 = net(x1)
+    assert out1.shape == (2, c_last, h_last, w_last)
+    assert all(c.state is not None and c.state.shape[0] == 2 for c in _cells(net))
+    carried = net(x2)  # uses the states x1 left
+    assert ptl_fused.reset_states(net) == len(_cells(net))
+    assert all(c.state is None for c in _cells(net))
+    fresh = net(x2)
+    assert not torch.allclose(carried, fresh), "the carried state must change the next batch's output"
+
+    net.eval()  # eval: no carry, so a sample's feature does not depend on its batch
+    pair = net(torch.stack([x1[0], x2[0]]))
+    swapped = net(torch.stack([x2[1], x1[0], x2[0]]))
+    torch.testing.assert_close(pair[0], swapped[1])
+    torch.testing.assert_close(pair[1], swapped[2])
+    other = (size[0] + 32, size[1])  # another size with the same stage ratios
+    assert net(torch.randn(1, 3, *other)).shape == (1, c_last, other[0] // 32, other[1] // 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_baseline_is_the_backbones_own_computation(family):
+    build, _, own_forward = FAMILIES[family]
+    torch.manual_seed(0)
+    backbone = build(weights=None).eval()
+    plain = ptl_wrap(backbone, "auto", cell=None, input_size=(64, 64)).eval()
+    assert not _cells(plain) and plain.fuses is None and plain.final_fuse is None
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(plain(x), own_forward(backbone, x))
+
+
+def test_densenet161_five_blocks():
+    stages = find_stages(tvm.densenet161(weights=None))
+    names = [[type(m).__name__ for m in s] for s in stages]
+    assert names == [
+        ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"],
+        ["_DenseBlock", "_Transition"],
+        ["_DenseBlock", "_Transition"],
+        ["_DenseBlock", "_Transition"],
+        ["_DenseBlock", "BatchNorm2d", "ReLU"],
+    ]
+
+
+def _tiny_backbone() -> nn.Sequential:
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    # ratios 4 (a chain of two cells), 1, 2
+    return nn.Sequential(
+        nn.Sequential(block(3, 8, 2), nn.MaxPool2d(3, 2, 1)), block(8, 8, 1), block(8, 16, 2)
+    ).double()
+
+
+@pytest.mark.parametrize("cell", ["v1", "v2"])
+def test_equals_python_ref_ptl_forward(cell):
+    torch.manual_seed(0)
+    backbone = _tiny_backbone()
+    net = ptl_wrap(
+        backbone, list(backbone), cell, out_channels=12, backend="reference", input_size=(16, 12)
+    ).double()
+    assert net.halvings == [2, 0, 1]
+    assert [len(c) for c in net.cells] == [2, 1, 1]
+    ref = copy.deepcopy(net)
+    for _ in range(3):  # training batches: the state carries in both
+        x = torch.randn(3, 3, 16, 12, dtype=torch.float64)
+        got = net(x)
+        want = ptl_forward(ref.stages, ref.cells, ref.fuses, ref.final_fuse, x)
+        assert got.shape == (3, 12, 2, 2)  # 16x12 -> /4 -> 4x3 -> /2 -> 2x2
+        torch.testing.assert_close(got, want)
+    net.eval(), ref.eval()
+    x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ptl_forward(ref.stages, ref.cells, ref.fuses, ref.final_fuse, x))
+
+
+def test_stage_names_and_cell_channels():
+    backbone = _tiny_backbone()
+    net = ptl_wrap(backbone, ["0", "1", "2"], cell_channels=[4, 6, 10], input_size=(16, 12)).double()
+    # image chain 3 -> 2 -> 4 (two stride-2 cells doubling); fuse -> 6 -> cell 6; fuse -> 5 -> cell 10 (s2)
+    widths = [[(c.in_channels, c.out_channels, c.stride) for c in chain] for chain in net.cells]
+    assert widths == [[(3, 2, 2), (2, 4, 2)], [(6, 6, 1)], [(5, 10, 2)]]
+    assert [f[0].in_channels for f in net.fuses] == [8 + 4, 8 + 6]
+    assert net.final_fuse[0].in_channels == 10 + 16
+    assert all(c.padding == 1 for c in _cells(net))
+
+
+def test_undiscoverable_model_names_what_to_pass():
+    with pytest.raises(ValueError, match=r"stages=\[\.\.\.\]") as e:
+        ptl_wrap(tvm.squeezenet1_0(weights=None), "auto")
+    assert "SqueezeNet" in str(e.value)
+    with pytest.raises(ValueError, match="SqueezeNet"):
+        find_stages(tvm.squeezenet1_0(weights=None))
+    with pytest.raises(ValueError, match="no submodule 'layer9'"):
+        ptl_wrap(tvm.resnet18(weights=None), ["layer1", "layer9"])
+
+
+def test_ratio_not_a_power_of_two_is_an_error():
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    with pytest.raises(ValueError, match="power of 2") as e:
+        ptl_wrap(backbone, list(backbone), input_size=(27, 27))
+    assert "27x27 to 9x9" in str(e.value)
+
+
+def test_size_mismatch_is_a_clear_error():
+    # ConvNeXt downsamples with floor(H/2), a padded stride-2 cell with ceil(H/2): they agree on
+    # even sizes only, so 68x68 (stage 2 sees 17x17) is refused at build time and at run time.
+    backbone = tvm.convnext_tiny(weights=None)
+    with pytest.raises(ValueError, match="17x17 to 8x8"):
+        ptl_wrap(backbone, "auto", input_size=(68, 68))
+    net = ptl_wrap(backbone, "auto", input_size=(64, 64), backend="cpu").eval()
+    with pytest.raises(ValueError, match=r"input_size=\(64, 64\)"):
+        net(torch.randn(1, 3, 68, 68))
+
+
+def test_bad_arguments():
+    backbone = _tiny_backbone()
+    with pytest.raises(ValueError, match="cell must be"):
+        ptl_wrap(backbone, list(backbone), cell="v3", input_size=(16, 12))
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        ptl_wrap(backbone, list(backbone), kernel_size=2, input_size=(16, 12))
+    with pytest.raises(ValueError, match="cell_channels must be 3"):
+        ptl_wrap(backbone, list(backbone), cell_channels=[4, 4], input_size=(16, 12))
+    with pytest.raises(ValueError, match="plain backbone"):
+        ptl_wrap(backbone, list(backbone), cell=None, out_channels=7, input_size=(16, 12))
+    with pytest.raises(ValueError, match="stage 1 .* in_channels"):
+        ptl_wrap(backbone, list(backbone), input_size=(16, 12), in_channels=1)
+
+
+def test_measuring_keeps_the_training_flags():
+    backbone = _tiny_backbone().train()
+    backbone[1][1].eval()  # e.g. a frozen BN
+    ptl_wrap(backbone, list(backbone), input_size=(16, 12))
+    assert backbone[0].training and backbone[2][1].training and not backbone[1][1].training
