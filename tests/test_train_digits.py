@@ -6,15 +6,13 @@ import json
 
 import pytest
 import torch
-from test_engine import tiny_build
 
-import ptl_fused.engine.trainer as trainer
+from ptl_fused import BConvCell, BConvCellV2
 from ptl_fused.engine.cli import main
+from ptl_fused.models import build_model
 
 
-def test_main_job_quick_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer, "build_model_from_config", tiny_build)  # until ptl_fused.models lands
-    torch.set_num_threads(1)
+def test_main_job_quick_writes_table_json_and_plot(tmp_path, capsys):
     assert main(["--quick", "--out", str(tmp_path / "digits")]) == 0
     text = capsys.readouterr().out
     assert "transfer test acc. (%)" in text and "held-out" in text
@@ -32,3 +30,20 @@ def test_main_job_quick_writes_table_json_and_plot(tmp_path, monkeypatch, capsys
     # the STD student learned from the ptl run of the same seed
     std_cfg = json.loads((tmp_path / "digits" / "seed0" / "std" / "results.json").read_text())["config"]
     assert std_cfg["stages"][1]["std"]["teacher"].endswith("seed0/ptl/stage2-digits/last.pt")
+
+
+def test_main_job_std_student_is_the_plain_digits_net(tmp_path):
+    """The real networks: the saved STD student loads into build_model("digits", cell=None)
+    and has no BConv-Cell; its teacher (the ptl run) does."""
+    out = tmp_path / "digits"
+    assert main(["--quick", "--out", str(out), "digits.methods=[ptl, std]"]) == 0
+    student_sd = torch.load(out / "seed0" / "std" / "stage2-digits" / "weights.pt")
+    plain = build_model("digits", 5, cell=None, head="classification")
+    assert student_sd.keys() == plain.state_dict().keys()
+    plain.load_state_dict(student_sd)
+    assert not any(isinstance(m, (BConvCell, BConvCellV2)) for m in plain.modules())
+    teacher_sd = torch.load(out / "seed0" / "ptl" / "stage2-digits" / "weights.pt")
+    ptl = build_model("digits", 5, cell="v1", head="classification")
+    ptl.load_state_dict(teacher_sd)
+    cell_keys = {f"{n}.weight" for n, m in ptl.named_modules() if isinstance(m, BConvCell)}
+    assert cell_keys and cell_keys <= teacher_sd.keys() and not cell_keys & student_sd.keys()
