@@ -411,6 +411,6 @@ def test_cli_reports_config_errors_and_trains_a_config_file(tmp_path, capsys, mo
         "model: {arch: tiny, head: classification}\noptim: {epochs: 1}\ntrain: {progress: false}\n"
     )
     monkeypatch.setattr(trainer, "build_model_from_config", tiny_build)
-    assert main([str(yaml_file), "train.tensorboard=false", "--out", str(tmp_path / "o")]) == 0
+    assert main([str(yaml_file), "--out", str(tmp_path / "o"), "train.tensorboard=false"]) == 0
     assert "[digits] epoch=1" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "o" / "last.pt")["meta"]["num_classes"] == 2

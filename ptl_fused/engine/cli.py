@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a short smoke run (the config's `quick` overrides)")
     p.add_argument("--out", help="output folder (same as out=DIR)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come between the overrides
 
 
 def main(argv: list[str] | None = None) -> int:
