@@ -1,4 +1,5 @@
-"""GPU-only checks: CUDA-graph capture/replay of a training step with carried state.
+"""GPU-only checks: CUDA-graph capture/replay of a training step with carried state, and of
+the eval shortcut.
 
 (The equivalence, gradcheck, compile and autocast suites run on the GPU through their
 cuda parametrisations; these are skipped, with the reason, where no GPU is present.)
@@ -68,3 +69,26 @@ def test_cuda_graph_training_step_carries_state(backend, v2):
         states_e = cell_e.state if isinstance(cell_e.state, tuple) else (cell_e.state,)
         for a, b in zip(states_g, states_e, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_eval_shortcut(backend, v2):
+    # The eval shortcut's cached weights (and v2's gate map) are made in the warm-up call, so
+    # the captured graph only runs the shortcut; a replay must equal an eager eval call.
+    model = _model(v2, backend).eval()
+    static_x = torch.randn(4, 3, 9, 7, device="cuda")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = model(static_x)
+        for _ in range(3):
+            x = torch.randn_like(static_x)
+            static_x.copy_(x)
+            graph.replay()
+            torch.testing.assert_close(static_y, model(x), rtol=0, atol=0)
