@@ -290,3 +290,15 @@ def test_pk_with_dataloader_and_errors():
         PKSampler(PIDS, 8, 2)
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
         PKSampler(PIDS, 2, 2, num_replicas=2, rank=2)
+
+
+def test_pk_ddp_fewer_batches_than_ranks_raises():
+    # PIDS with p=3, k=4 gives 2 batches (see above): 3 ranks would each get 0, i.e. an empty epoch.
+    for rank in range(3):
+        sampler = PKSampler(PIDS, 3, 4, seed=1, num_replicas=3, rank=rank)
+        for use in (list, len):
+            with pytest.raises(
+                ValueError, match=r"only 2 batches of p=3 identities x k=4 images, fewer than num_replicas=3"
+            ):
+                use(sampler)
+    assert len(PKSampler(PIDS, 3, 4, seed=1, num_replicas=2, rank=1)) == 12  # 2 ranks: one batch each

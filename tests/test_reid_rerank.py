@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -113,3 +114,22 @@ def test_shape_errors():
         re_rank(q_g, q_q, g_g[:4, :4])
     with pytest.raises(ValueError, match="k1 and k2 must be >= 1"):
         re_rank(q_g, q_q, g_g, k1=0)
+
+
+def test_peak_memory_is_one_pooled_copy_plus_the_result():
+    # The docstring's memory statement, measured: numpy and scipy arrays are traced by tracemalloc.
+    # One float32 (N, N) pooled matrix plus the float32 (Q, G) result, and some slack for the sparse V,
+    # the argsort chunks and the (N, k1+1, k1+1) reciprocity test (small for N = 1500, k1 = 6). Float64
+    # (Q, N) Jaccard/final matrices, a second (N, N) copy or whole int64 argsorts would not fit.
+    nq = ng = 750
+    n = nq + ng
+    dists = [d.astype(np.float32) for d in _clusters(3, nq=nq, ng=ng)]  # float32: no input copies
+    tracemalloc.start()
+    try:
+        got = re_rank(*dists, k1=6, k2=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.dtype == np.float32 and got.shape == (nq, ng)
+    budget = 4 * n * n + 4 * nq * ng
+    assert peak <= 1.2 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"

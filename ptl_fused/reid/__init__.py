@@ -1,7 +1,7 @@
 """Person re-identification: datasets, sampling, losses, features, re-ranking, evaluation, export."""
 
 from .data import ImageDataset, build_transforms
-from .datasets import DATASETS, ReIDDataset, build_reid_dataset
+from .datasets import DATASETS, ReIDDataset, build_reid_dataset, extract_cuhk03
 from .evaluation import evaluate, evaluate_features
 from .export import export_onnx
 from .features import compute_distance, extract_features
@@ -24,6 +24,7 @@ __all__ = [
     "evaluate",
     "evaluate_features",
     "export_onnx",
+    "extract_cuhk03",
     "extract_features",
     "re_rank",
 ]

@@ -18,6 +18,8 @@ which only need to agree with each other). `build_reid_dataset(name, root)` pick
   names `pair_pid_view_index.png`, split `root/cuhk03_new_protocol_config_{detected,labeled}.mat`
   (fields filelist, labels, train_idx, query_idx, gallery_idx; 1-based indices). The camid is
   the view (0 or 1) within a camera pair, as in torchreid. Choose with `labeled=False|True`.
+  A missing image folder is extracted once from `root/cuhk03_release/cuhk-03.mat` (the standard
+  release, MATLAB v7.3 = HDF5, read with h5py) by `extract_cuhk03`.
 - "folder": `root/{train,query,gallery}/` of images named `pid_camid_anything.{jpg,jpeg,png}`
   with a 0-based camid; pid -1 images are dropped.
 """
@@ -25,9 +27,12 @@ which only need to agree with each other). `build_reid_dataset(name, root)` pick
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 Item = tuple[str, int, int]  # (image path, pid, camid)
 
@@ -184,6 +189,78 @@ def _mat_strings(array) -> list[str]:
     return out
 
 
+_CUHK03_KINDS = ("detected", "labeled")
+
+
+def extract_cuhk03(
+    raw_dir: str | Path, verbose: bool = True, kinds: Sequence[str] = _CUHK03_KINDS
+) -> dict[str, int]:
+    """Write the images of raw_dir/cuhk03_release/cuhk-03.mat as PNGs in raw_dir/images_{kind}/.
+
+    As torchreid's CUHK03 preprocessing: the .mat (MATLAB v7.3, i.e. HDF5) holds, for each kind
+    ("detected", "labeled"), a cell array of camera pairs, each a (num_ids, 10) cell array of
+    images (columns 0-4: view 1, 5-9: view 2), every image a uint8 (H, W, 3) array that HDF5 stores
+    transposed. Image imgid of identity pid in pair campid becomes
+    `{campid+1}_{pid+1:03d}_{view}_{imgid+1:02d}.png`; empty cells (some identities lack images)
+    are skipped. Each folder is written under a temporary name and renamed when complete, so an
+    interrupted run leaves no partial images_{kind}/; an existing images_{kind}/ is left alone.
+    Returns {kind: number of images written} for the kinds extracted.
+    """
+    try:
+        import h5py
+    except ImportError as e:
+        raise ImportError(
+            "extract_cuhk03 needs h5py to read cuhk-03.mat (MATLAB v7.3): pip install h5py"
+        ) from e
+
+    raw_dir = Path(raw_dir)
+    mat_path = _require(raw_dir / "cuhk03_release" / "cuhk-03.mat", "CUHK03 release file")
+    bad = [k for k in kinds if k not in _CUHK03_KINDS]
+    if bad:
+        raise ValueError(f"extract_cuhk03: kinds must be among {_CUHK03_KINDS}, got {bad}")
+    try:
+        mat = h5py.File(mat_path, "r")
+    except OSError as e:
+        raise ValueError(
+            f"CUHK03: cannot read {mat_path} ({e}); expected the MATLAB v7.3 (HDF5) release"
+        ) from e
+    counts = {}
+    with mat:
+        for kind in kinds:
+            if kind not in mat:
+                raise ValueError(
+                    f"CUHK03: {mat_path} has no {kind!r} cell array; expected 'detected' and 'labeled'"
+                )
+            if verbose:
+                print(f"CUHK03: extracting the {kind} images of {mat_path} ...")
+            final_dir = raw_dir / f"images_{kind}"
+            if final_dir.exists():
+                if verbose:
+                    print(f"CUHK03: {final_dir} exists, left as it is")
+                continue
+            tmp_dir = raw_dir / f"images_{kind}.partial"
+            tmp_dir.mkdir(exist_ok=True)
+            count = 0
+            for campid, camp_ref in enumerate(np.ravel(mat[kind][()])):
+                camp = mat[camp_ref][()].T  # (num_ids, 10) image references
+                for pid, img_refs in enumerate(camp):
+                    for imgid, img_ref in enumerate(img_refs):
+                        img = mat[img_ref][()].T
+                        if img.size == 0 or img.ndim < 3:  # an empty cell: MATLAB stores a [0, 0] shape
+                            continue
+                        view = 1 if imgid < 5 else 2
+                        name = f"{campid + 1}_{pid + 1:03d}_{view}_{imgid + 1:02d}.png"
+                        Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(tmp_dir / name)
+                        count += 1
+                if verbose:
+                    print(f"  camera pair {campid + 1}: {len(camp)} identities")
+            tmp_dir.rename(final_dir)
+            counts[kind] = count
+            if verbose:
+                print(f"CUHK03: wrote {count} {kind} images to {final_dir}")
+    return counts
+
+
 def cuhk03(root: str | Path, labeled: bool = False) -> ReIDDataset:
     """CUHK03 new protocol (767/700), detected (default) or labeled bounding boxes."""
     from scipy.io import loadmat
@@ -191,11 +268,16 @@ def cuhk03(root: str | Path, labeled: bool = False) -> ReIDDataset:
     kind = "labeled" if labeled else "detected"
     root = _require(Path(root), "CUHK03 root folder")
     image_dir = root / f"images_{kind}"
+    release = root / "cuhk03_release" / "cuhk-03.mat"
     if not image_dir.is_dir():
-        raise FileNotFoundError(
-            f"CUHK03: image folder not found: {image_dir}; extract the {kind} images of cuhk-03.mat "
-            "there with torchreid's names 'pair_pid_view_index.png' (e.g. 1_001_1_01.png)"
-        )
+        if not release.is_file():
+            raise FileNotFoundError(
+                f"CUHK03: image folder not found: {image_dir}, nor the release file {release} to "
+                f"extract the {kind} images of cuhk-03.mat from; put cuhk-03.mat there, or extract them "
+                "yourself with torchreid's names 'pair_pid_view_index.png' (e.g. 1_001_1_01.png)"
+            )
+        print(f"CUHK03: {image_dir} not found; extracting it from {release} (once)")
+        extract_cuhk03(root, kinds=(kind,))
     mat_path = _require(root / f"cuhk03_new_protocol_config_{kind}.mat", "CUHK03 new-protocol split file")
     try:
         split = loadmat(str(mat_path))

@@ -22,8 +22,9 @@ class PKSampler(Sampler[int]):
 
     Distributed: the epoch's batch list is the same on every rank; rank r takes batches
     r, r + num_replicas, ... and every rank gets the same number (extra batches are dropped),
-    so the ranks' shares are disjoint and equal. num_replicas/rank default to the initialised
-    process group (else 1/0).
+    so the ranks' shares are disjoint and equal; an epoch with fewer batches than ranks raises
+    ValueError (iterating or len()). num_replicas/rank default to the initialised process group
+    (else 1/0).
     """
 
     def __init__(
@@ -59,7 +60,16 @@ class PKSampler(Sampler[int]):
     def _batches(self) -> list[np.ndarray]:
         """All P x K batches of this epoch, identical on every rank (their number may vary by epoch)."""
         if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._make_batches())
+            batches = self._make_batches()
+            # Each rank takes len // num_replicas batches: fewer batches than ranks would give every
+            # rank an empty epoch, silently (a training loop would just do nothing).
+            if len(batches) < self.num_replicas:
+                raise ValueError(
+                    f"PKSampler: epoch {self.epoch} has only {len(batches)} batches of p={self.p} "
+                    f"identities x k={self.k} images, fewer than num_replicas={self.num_replicas}, so every "
+                    "rank would get an empty epoch; use a smaller p or k, or fewer ranks"
+                )
+            self._cache = (self.epoch, batches)
         return self._cache[1]
 
     def _make_batches(self) -> list[np.ndarray]:
