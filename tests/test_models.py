@@ -189,6 +189,61 @@ def test_reset_classifier_keeps_everything_else():
     _check_output(net(torch.randn(2, 1, 8, 8)), 2, 64, 3)
 
 
+@pytest.mark.parametrize("cell", ["v1", None])
+def test_mgn_reduction_normalises_each_feature_on_its_own(cell):
+    """The authors call the shared reduction once per pooled feature (mgn_ptl.py: 8 calls), so in
+    training each of the 8 features gets its own BN batch statistics and the running statistics
+    are updated 8 times a step. With a large BN bias the ReLU passes everything, so each feature's
+    batch mean is exactly that bias, channel by channel; joint statistics over the 8 would only
+    make the mean over all 8 equal to it."""
+    torch.manual_seed(0)
+    net = _quiet(MGN, 4, cell=cell, feat_dim=8, input_size=(64, 32), backend="cpu").train()
+    bn = net.reduction[1]
+    with torch.no_grad():
+        bn.bias.fill_(50.0)
+        feats = net(torch.randn(4, 3, 64, 32)).feature.view(4, 8, 8)  # (B, feature, channel)
+    torch.testing.assert_close(feats.mean(0), torch.full((8, 8), 50.0), atol=1e-4, rtol=0)
+    assert (feats.std(0) > 0.1).all()  # the features are not constant across the batch
+    assert int(bn.num_batches_tracked) == 8
+
+
+@pytest.mark.parametrize("cell", ["v1", "v2", None])
+def test_mgn_initialisation_is_the_authors(cell):
+    """mgn_ptl.py (PTL.init_param, _init_reduction, _init_fc) and mgn.py: the PTL cells' gate convs
+    and fuse convs kaiming_normal_(fan_in), reduction conv kaiming_normal_(fan_in), reduction BN
+    weight ~ N(1, 0.02) and bias 0, classifiers kaiming_normal_ (fan_in in MGN-PTL, fan_out in the
+    authors' plain MGN) with bias 0. The ResNet layers keep theirs."""
+    torch.manual_seed(0)
+    num_classes = 50
+    net = _quiet(MGN, num_classes, cell=cell, input_size=(64, 32), backend="cpu")
+
+    def assert_kaiming_normal(w, fan):
+        std = (2.0 / fan) ** 0.5  # kaiming_normal_ with the ReLU gain; the default init is 1/sqrt(3·fan)
+        assert abs(w.mean().item()) < 4 * std / w.numel() ** 0.5
+        assert abs(w.std().item() / std - 1) < 4 / (2 * w.numel()) ** 0.5 + 0.01
+
+    bn = net.reduction[1]
+    assert abs(bn.weight.mean().item() - 1) < 4 * 0.02 / 256**0.5
+    assert abs(bn.weight.std().item() / 0.02 - 1) < 0.2
+    assert torch.equal(bn.bias, torch.zeros(256))
+    conv = net.reduction[0].weight
+    assert_kaiming_normal(conv, conv.shape[1])
+    fc_fan = 256 if cell else num_classes
+    for fc in net.classifiers:
+        assert_kaiming_normal(fc.weight, fc_fan)
+        assert torch.equal(fc.bias, torch.zeros(num_classes))
+    ptl_convs = [c.weight for c in _cells(net)]
+    ptl_convs += [f[0].weight for f in [*(net.body.fuses or []), net.body.final_fuse] if f is not None]
+    assert len(ptl_convs) == (12 if cell else 0)  # 8 cells, fuse1..4
+    for w in ptl_convs:
+        assert_kaiming_normal(w, w[0].numel())
+    # the backbone (pretrained when given) is not re-initialised: the stem conv keeps torchvision's init
+    stem = net.body.stages[0][0].weight
+    assert abs(stem.std().item() / (2.0 / stem.shape[0] / 49) ** 0.5 - 1) < 0.05  # fan_out, 64·7·7
+    net.reset_classifier(7)
+    assert all(torch.equal(fc.bias, torch.zeros(7)) for fc in net.classifiers)
+
+
 def test_mgn_reset_classifier():
     net = _quiet(MGN, 4, feat_dim=8, input_size=(64, 32))
     reduction = net.reduction[0].weight.clone()

@@ -162,6 +162,22 @@ def test_size_mismatch_is_a_clear_error():
         net(torch.randn(1, 3, 68, 68))
 
 
+def test_size_mismatch_names_each_tensor_with_its_own_shape():
+    # VGG11 built at 64x64 and run at 80x80: the final fusion meets x^6 (512, 2x2: 80 -> 40 -> ... ->
+    # floor halvings) and y^5 (256, 3x3: ceil halvings); each shape must sit next to its own name.
+    net = ptl_wrap(tvm.vgg11(weights=None), "auto", input_size=(64, 64), backend="cpu").eval()
+    with pytest.raises(ValueError) as e:
+        net(torch.randn(1, 3, 80, 80))
+    assert "x^6 (1, 512, 2, 2)" in str(e.value) and "y^5 (1, 256, 3, 3)" in str(e.value)
+    # the inner joins (x^i first in the concatenation) name theirs the same way. ConvNeXt at 68x68:
+    # x^1 = 17x17 (stem k4 s4); stage 2 downsamples with floor, x^2 = 8x8 (192 channels), while
+    # cell 1 (stride 2, padding 1) gives ceil, y^1 = 9x9 (96 = 192 / 2 channels)
+    net = ptl_wrap(tvm.convnext_tiny(weights=None), "auto", input_size=(64, 64), backend="cpu").eval()
+    with pytest.raises(ValueError) as e:
+        net(torch.randn(1, 3, 68, 68))
+    assert "x^2 (1, 192, 8, 8)" in str(e.value) and "y^1 (1, 96, 9, 9)" in str(e.value)
+
+
 def test_bad_arguments():
     backbone = _tiny_backbone()
     with pytest.raises(ValueError, match="cell must be"):

@@ -151,19 +151,20 @@ class PTLBackbone(nn.Module):
         for i in range(1, len(self.stages)):
             y = self.cells[i](self.fuses[i - 1](self._join(x, y, i)))
             x = self.stages[i](x)
-        return self.final_fuse(self._join(y, x, len(self.stages))), x
+        return self.final_fuse(self._join(x, y, len(self.stages), y_first=True)), x
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)[0]
 
-    def _join(self, a: Tensor, b: Tensor, i: int) -> Tensor:
-        if a.shape[-2:] != b.shape[-2:]:
+    def _join(self, x: Tensor, y: Tensor, i: int, y_first: bool = False) -> Tensor:
+        """cat[x^i, y^{i-1}] along channels (cat[y^{i-1}, x^i] for the final fusion, y_first)."""
+        if x.shape[-2:] != y.shape[-2:]:
             raise ValueError(
-                f"PTL: x^{i} and y^{i - 1} differ in size ({tuple(a.shape)} vs {tuple(b.shape)}): the cell "
+                f"PTL: x^{i} {tuple(x.shape)} and y^{i - 1} {tuple(y.shape)} differ in size: the cell "
                 f"strides were chosen from the stage sizes at input_size={self.input_size}; build with "
                 "an input_size whose stage-by-stage resolution ratios match your images"
             )
-        return torch.cat([a, b], dim=1)
+        return torch.cat([y, x] if y_first else [x, y], dim=1)
 
 
 def ptl_wrap(
