@@ -414,3 +414,14 @@ def test_cli_reports_config_errors_and_trains_a_config_file(tmp_path, capsys, mo
     assert main([str(yaml_file), "--out", str(tmp_path / "o"), "train.tensorboard=false"]) == 0
     assert "[digits] epoch=1" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "o" / "last.pt")["meta"]["num_classes"] == 2
+
+
+def test_cli_pretrained_flag_sets_the_model_weights_path(monkeypatch, tmp_path):
+    from ptl_fused.engine import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run", lambda cfg, resume=None: seen.update(cfg=cfg))
+    weights = tmp_path / "resnet50.pth"
+    assert cli.main(["market1501_resnet50_ptl", "--pretrained", str(weights), "data.root=/x"]) == 0
+    assert seen["cfg"]["model"]["pretrained"] == str(weights)
+    assert seen["cfg"]["data"]["root"] == "/x"

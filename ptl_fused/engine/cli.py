@@ -1,7 +1,7 @@
 """ptl-train: train from a YAML config with key.sub=value overrides.
 
 ptl-train                                  # the main job: digits transfer (configs/digits.yaml)
-ptl-train market1501_resnet50_ptl data.root=/data/Market-1501-v15.09.15
+ptl-train market1501_resnet50_ptl data.root=/data/Market-1501-v15.09.15 --pretrained resnet50.pth
 ptl-train my.yaml optim.lr=0.02 --resume auto
 torchrun --nproc_per_node 2 -m ptl_fused.engine cifar10_densenet100_ptl data.root=/data/cifar
 """
@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a short smoke run (the config's `quick` overrides)")
     p.add_argument("--out", help="output folder (same as out=DIR)")
+    p.add_argument(
+        "--pretrained", metavar="PATH", help="local torchvision state dict (same as model.pretrained=PATH)"
+    )
     return p.parse_intermixed_args(argv)  # options may come between the overrides
 
 
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         config = overrides.pop(0)
     if a.out is not None:
         overrides.append(f"out={a.out}")
+    if a.pretrained is not None:
+        overrides.append(f"model.pretrained={a.pretrained}")
     try:
         cfg = load_config(config or "digits", overrides, quick=a.quick)
     except ConfigError as e:
