@@ -209,3 +209,23 @@ def test_eval_errors():
         ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 3), None, torch.zeros(12, 5, 5), 1, 1)
     with pytest.raises(RuntimeError, match="no backward"):
         ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 3, requires_grad=True), None, None, 1, 1)
+
+
+def test_ptlnet_exports_with_the_shortcut():
+    # A whole PTL network with fused cells exports as plain ATen ops, and gives the same features.
+    import warnings
+
+    from ptl_fused.models import PTLNet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random init warning
+        torch.manual_seed(0)
+        net = PTLNet("resnet18", 5, cell="v2", backend="cpu", input_size=(64, 32), feat_dim=32).eval()
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        ep = torch.export.export(net, (x,))
+        want = net(x).feature
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("ptl_fused" in t for t in targets), targets
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x).feature, want, rtol=1e-4, atol=1e-5)
