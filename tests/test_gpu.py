@@ -92,3 +92,23 @@ def test_cuda_graph_eval_shortcut(backend, v2):
             static_x.copy_(x)
             graph.replay()
             torch.testing.assert_close(static_y, model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_engine_trains_with_amp_on_the_gpu(tmp_path, amp):
+    # The trainer's GPU path: autocast (GradScaler for fp16) with the cells' float32 state.
+    from ptl_fused.engine import load_config, run
+
+    cfg = load_config(
+        "digits",
+        [
+            "job=train",
+            "device=cuda",
+            f"amp={amp}",
+            "optim.epochs=3",
+            f"out={tmp_path}",
+            "train.progress=false",
+        ],
+    )
+    final = run(cfg, verbose=False)["stages"][-1]["final"]
+    assert final["test_accuracy"] > 50, final  # 10 digits: chance is 10%
