@@ -28,9 +28,14 @@ template <typename T>
 inline at::vec::Vectorized<T> exp_of(at::vec::Vectorized<T> v) {
   return v.exp();
 }
+// tanh through exp: 1 - 2 / (1 + e^{2v}), saturating to +-1 without NaN. SLEEF's vector
+// tanh costs ~6x its exp here (4M floats: 5.3 ms vs 0.85 ms for ATen's sigmoid), and tanh is
+// half of the cell's transcendentals; the absolute error (~1 ulp of 1 near 0) is far inside
+// tests/tolerances.py. The Triton kernels use the same identity.
 template <typename T>
 inline at::vec::Vectorized<T> tanh_of(at::vec::Vectorized<T> v) {
-  return v.tanh();
+  using Vec = at::vec::Vectorized<T>;
+  return Vec(T(1)) - Vec(T(2)) / (Vec(T(1)) + (v + v).exp());
 }
 #endif
 
