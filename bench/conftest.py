@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
 
 import pytest
 import torch
 
 from report import write_report
+
+
+def _pin_glibc_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds for the whole run (CPU benchmarks).
+
+    By default glibc raises its mmap threshold as large buffers are freed, so the same 32 MB
+    activation page-faults on every call early in a run and comes from the heap later: rows
+    timed late ran up to 25% faster than the same code timed early (scripts/ab_cpu.py shows
+    the interleaved truth). Pinned, every row sees the allocator a jemalloc/tcmalloc user has.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+GLIBC_PINNED = _pin_glibc_allocator()
 
 
 def pytest_addoption(parser):
@@ -39,6 +59,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         "triton": triton_version,
         "driver": _driver(),
+        "glibc_allocator_pinned": GLIBC_PINNED,
     }
 
 

@@ -26,7 +26,12 @@ def write_report(data: dict, json_path: str) -> None:
         f"# BConv-Cell benchmark: {info.get('device')}",
         "",
         f"torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, "
-        f"triton {info.get('triton')}, driver {info.get('driver')}; {data.get('datetime', '')}",
+        f"triton {info.get('triton')}, driver {info.get('driver')}; {data.get('datetime', '')}"
+        + (
+            "; glibc malloc thresholds pinned (bench/conftest.py)"
+            if info.get("glibc_allocator_pinned")
+            else ""
+        ),
         "",
         "Fastest (min) and median of the rounds; speed-ups, GB/s and TFLOP/s use the min, the "
         "estimate least disturbed by other load. `x eager` / `x compile` = speed-up over eager / "
