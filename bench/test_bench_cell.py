@@ -139,11 +139,13 @@ def eval_fn(impl: str, v2: bool):
     return functools.partial(ops.bconv_cell_eval, backend=impl)
 
 
+# Positions of c_prev (and h_prev) in make_args' argument lists.
+STATE_ARGS = {False: (3,), True: (5, 6)}
+
+
 def eval_args(impl: str, args: list, v2: bool) -> list:
-    zeros = [torch.zeros_like(a) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args]
-    zeros[0] = args[0]  # x stays
-    if impl in ("eager", "compile"):
-        return zeros
+    if impl in ("eager", "compile"):  # the full cell on zero states
+        return [torch.zeros_like(a) if i in STATE_ARGS[v2] else a for i, a in enumerate(args)]
     x, w, b = args[0], args[1], args[2]
     if v2:
         w3, gate_map = ops.v2_eval_params(w, b, args[4], x.shape[-2:], args[-2], args[-1])
@@ -166,7 +168,12 @@ def test_cell_eval(benchmark, shape, impl, v2, dtype):
         _sync()
         return out
 
-    forward()  # warm-up (compile, autotune)
+    y = forward()  # warm-up (compile, autotune)
+    # Every row must compute the same y: the zero-state cell with the real weights.
+    ref = (python_ref.bconv_cell_v2 if v2 else python_ref.bconv_cell)(*eval_args("eager", args, v2))[0]
+    y = y[0] if isinstance(y, tuple) else y
+    err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1)).item()
+    assert err < 5e-2, f"{impl} eval output differs from the zero-state reference (rel. error {err:.2e})"
     version = "v2" if v2 else "v1"
     benchmark.group = f"{shape.name} {version} eval"
     benchmark.extra_info.update(
