@@ -161,49 +161,37 @@ void eval_typed(const EvalRowsArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-void fwd_rows(c10::ScalarType dtype, const FwdRowsArgs& a, int64_t r0, int64_t r1) {
+namespace {
+
+// Calls fn(T{}) for the compute dtype T of `dtype`: one switch for every row loop.
+template <typename Fn>
+void by_dtype(c10::ScalarType dtype, Fn fn) {
   switch (dtype) {
     case c10::kFloat:
-      return fwd_typed<float>(a, r0, r1);
+      return fn(float{});
     case c10::kDouble:
-      return fwd_typed<double>(a, r0, r1);
+      return fn(double{});
     case c10::kBFloat16:
-      return fwd_typed<c10::BFloat16>(a, r0, r1);
+      return fn(c10::BFloat16{});
     case c10::kHalf:
-      return fwd_typed<c10::Half>(a, r0, r1);
+      return fn(c10::Half{});
     default:
       TORCH_CHECK(false, "ptl_fused: unsupported dtype ", dtype);
   }
+}
+
+}  // namespace
+
+void fwd_rows(c10::ScalarType dtype, const FwdRowsArgs& a, int64_t r0, int64_t r1) {
+  by_dtype(dtype, [&](auto t) { fwd_typed<decltype(t)>(a, r0, r1); });
 }
 
 void bwd_rows(c10::ScalarType dtype, const BwdRowsArgs& a, int64_t r0, int64_t r1) {
-  switch (dtype) {
-    case c10::kFloat:
-      return bwd_typed<float>(a, r0, r1);
-    case c10::kDouble:
-      return bwd_typed<double>(a, r0, r1);
-    case c10::kBFloat16:
-      return bwd_typed<c10::BFloat16>(a, r0, r1);
-    case c10::kHalf:
-      return bwd_typed<c10::Half>(a, r0, r1);
-    default:
-      TORCH_CHECK(false, "ptl_fused: unsupported dtype ", dtype);
-  }
+  by_dtype(dtype, [&](auto t) { bwd_typed<decltype(t)>(a, r0, r1); });
 }
 
 void eval_rows(c10::ScalarType dtype, const EvalRowsArgs& a, int64_t r0, int64_t r1) {
-  switch (dtype) {
-    case c10::kFloat:
-      return eval_typed<float>(a, r0, r1);
-    case c10::kDouble:
-      return eval_typed<double>(a, r0, r1);
-    case c10::kBFloat16:
-      return eval_typed<c10::BFloat16>(a, r0, r1);
-    case c10::kHalf:
-      return eval_typed<c10::Half>(a, r0, r1);
-    default:
-      TORCH_CHECK(false, "ptl_fused: unsupported dtype ", dtype);
-  }
+  by_dtype(dtype, [&](auto t) { eval_typed<decltype(t)>(a, r0, r1); });
 }
 
 }  // namespace ptl_fused::cpu::CPU_CAPABILITY
