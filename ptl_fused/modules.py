@@ -88,9 +88,9 @@ class _BConvCellBase(nn.Module):
     def _eval_forward(self, x: Tensor) -> Tensor:
         """y from the zero state: the cached shortcut, or ops' own path when it cannot be cached
         (a gradient is needed, or torch.compile/export traces: they see the parameters as inputs)."""
-        params = [p for p in self.parameters(recurse=False)]
         tracing = torch.compiler.is_compiling() or ops.exporting()
-        if tracing or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+        needs_grad = x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))
+        if tracing or (torch.is_grad_enabled() and needs_grad):
             return self._functional_eval(x)
         self.state_shape(x)  # the module's own shape check, before the cache is consulted
         key = self._eval_key(x)
