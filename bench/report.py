@@ -69,6 +69,7 @@ def write_report(data: dict, json_path: str) -> None:
             cols.append(f"{e['saved_bytes'] / 2**20:.1f}")
             lines.append("| " + " | ".join(cols) + " |")
     lines += _eval_vs_training(rows)
+    lines += _fused_gemm(by_group)
     lines += _network(net_rows)
     out = Path(json_path)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -96,6 +97,28 @@ def _eval_vs_training(rows: list[dict]) -> list[str]:
         "",
         "| shape | cell | impl | eval / training fwd | eval / v1 eval |",
         "|---|---|---|---|---|",
+        *out,
+    ]
+
+
+def _fused_gemm(by_group: dict[str, dict[str, dict]]) -> list[str]:
+    """The CUDA implicit-GEMM kernel (cuda_igemm) against cuDNN + epilogue (cuda) and Triton
+    (target of the CUDA issue: within 1.3x of Triton, i.e. triton / cuda_igemm >= 0.77)."""
+    out = []
+    for group, impls in by_group.items():
+        if "cuda_igemm" not in impls:
+            continue
+        t = impls["cuda_igemm"]["stats"]["min"]
+        ratios = [f"{impls[o]['stats']['min'] / t:.2f}" if o in impls else "" for o in ("cuda", "triton")]
+        out.append(f"| {group} | {t * 1e3:.3f} | {' | '.join(ratios)} |")
+    if not out:
+        return []
+    return [
+        "",
+        "## Implicit-GEMM kernel vs cuDNN + epilogue and vs Triton (min times; >1: cuda_igemm faster)",
+        "",
+        "| group | cuda_igemm ms | cuda / cuda_igemm | triton / cuda_igemm |",
+        "|---|---|---|---|",
         *out,
     ]
 

@@ -33,11 +33,11 @@ void check_cell_inputs(const Tensor& x, const Tensor& weight, const OptTensor& b
               x.device());
 }
 
-// Allocates the outputs in layout `fmt` and runs the forward epilogue, which overwrites
-// the pre-activations `z` (already in `fmt`) with the activated gates.
-std::tuple<Tensor, Tensor, Tensor> run_fwd_epilogue(FwdEpilogue epilogue, const Tensor& z,
-                                                    const Tensor& c_prev, const Tensor& h_prev,
-                                                    const Tensor& h_alpha, c10::MemoryFormat fmt) {
+// Allocates the outputs in layout `fmt` for gate tensor `z` (B, 4C, Ho, Wo); run_fwd then
+// runs the epilogue, which overwrites the pre-activations in z with the activated gates, or
+// the fused kernel, which writes the gates into z.
+FwdEpilogueArgs fwd_outputs(const Tensor& z, const Tensor& c_prev, const Tensor& h_prev,
+                            const Tensor& h_alpha, c10::MemoryFormat fmt) {
   const auto c = z.size(1) / 4;
   const std::vector<int64_t> shape = {z.size(0), c, z.size(2), z.size(3)};
   TORCH_CHECK(c_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: c_prev must be ",
@@ -57,8 +57,22 @@ std::tuple<Tensor, Tensor, Tensor> run_fwd_epilogue(FwdEpilogue epilogue, const 
     a.h_alpha = h_alpha;
     a.h_new = at::empty(shape, h_prev.options().memory_format(fmt));
   }
-  if (z.numel() > 0) epilogue(a);
-  return {a.y, a.c_new, a.h_new};
+  return a;
+}
+
+void check_fused(bool available, const Tensor& x) {
+  TORCH_CHECK(available, "ptl_fused: fused_gemm=True (the implicit-GEMM forward) runs on CUDA ",
+              "tensors only; x is on ", x.device());
+}
+
+// Gate tensor shape of a convolution of x with `weight` (no ATen call).
+std::vector<int64_t> conv_out_shape(const Tensor& x, const Tensor& weight, int64_t stride,
+                                    int64_t padding) {
+  const auto k = weight.size(2);
+  auto out = [&](int64_t n) { return (n + 2 * padding - k) / stride + 1; };
+  TORCH_CHECK(out(x.size(2)) >= 1 && out(x.size(3)) >= 1, "ptl_fused: x ", x.sizes(),
+              " is smaller than the kernel ", k, " with padding ", padding);
+  return {x.size(0), weight.size(0), out(x.size(2)), out(x.size(3))};
 }
 
 Tensor alpha_on(const Tensor& h_alpha, const Tensor& like) {
@@ -75,23 +89,50 @@ std::vector<int64_t> recovery_output_padding(const Tensor& x, int64_t k, int64_t
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, const Tensor& x,
-                                                  const Tensor& weight, const OptTensor& bias,
-                                                  const Tensor& c_prev, int64_t stride,
-                                                  int64_t padding) {
-  check_cell_inputs(x, weight, bias, c_prev, 1, stride, padding);
-  const auto fmt = x.suggest_memory_format();
-  Tensor z = at::convolution(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1}, false,
-                             {0, 0}, 1)
+namespace {
+
+// Z = conv(x (, x_rec)) and the cell: through ATen + epilogue, or the fused kernel.
+FwdEpilogueArgs run_fwd(FwdEpilogue epilogue, FusedFwd fused, bool fused_gemm, const GemmArgs& g,
+                        const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha) {
+  const auto fmt = g.x.suggest_memory_format();
+  if (fused_gemm) {
+    check_fused(fused != nullptr, g.x);
+    const Tensor gates = at::empty(conv_out_shape(g.x, g.weight, g.stride, g.padding),
+                                   g.x.options().memory_format(fmt));
+    auto a = fwd_outputs(gates, c_prev, h_prev, h_alpha, fmt);
+    if (gates.numel() > 0) fused(g, a);
+    return a;
+  }
+  const Tensor input = g.x_rec.defined() ? at::cat({g.x, g.x_rec}, 1) : g.x;
+  const OptTensor bias = g.bias.defined() ? OptTensor(g.bias) : std::nullopt;
+  Tensor z = at::convolution(input, g.weight, bias, {g.stride, g.stride}, {g.padding, g.padding},
+                             {1, 1}, false, {0, 0}, 1)
                  .contiguous(fmt);
-  auto [y, c_new, unused] = run_fwd_epilogue(epilogue, z, c_prev, {}, {}, fmt);
-  return {y, c_new, z};
+  auto a = fwd_outputs(z, c_prev, h_prev, h_alpha, fmt);
+  if (z.numel() > 0) epilogue(a);
+  return a;
+}
+
+Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, FusedFwd fused,
+                                                  const Tensor& x, const Tensor& weight,
+                                                  const OptTensor& bias, const Tensor& c_prev,
+                                                  int64_t stride, int64_t padding,
+                                                  bool fused_gemm) {
+  check_cell_inputs(x, weight, bias, c_prev, 1, stride, padding);
+  const GemmArgs g{x, Tensor(), weight, defined_or_empty(bias), stride, padding};
+  const auto a = run_fwd(epilogue, fused, fused_gemm, g, c_prev, {}, {});
+  return {a.y, a.c_new, a.z};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
-    FwdEpilogue epilogue, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-    const Tensor& weight_rec, const OptTensor& bias_rec, const Tensor& c_prev, const Tensor& h_prev,
-    const Tensor& h_alpha, int64_t stride, int64_t padding) {
+    FwdEpilogue epilogue, FusedFwd fused, const Tensor& x, const Tensor& weight,
+    const OptTensor& bias, const Tensor& weight_rec, const OptTensor& bias_rec,
+    const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha, int64_t stride,
+    int64_t padding, bool fused_gemm) {
   check_cell_inputs(x, weight, bias, c_prev, 2, stride, padding);
   const auto k = weight.size(3);
   TORCH_CHECK(weight_rec.dim() == 4 && weight_rec.size(0) == weight.size(0) / 4 &&
@@ -103,17 +144,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
                                  {padding, padding}, {1, 1}, true,
                                  recovery_output_padding(x, k, stride, padding), 1)
                      .contiguous(fmt);
-  Tensor z = at::convolution(at::cat({x, x_rec}, 1), weight, bias, {stride, stride},
-                             {padding, padding}, {1, 1}, false, {0, 0}, 1)
-                 .contiguous(fmt);
-  auto [y, c_new, h_new] =
-      run_fwd_epilogue(epilogue, z, c_prev, h_prev, alpha_on(h_alpha, c_prev), fmt);
-  return {y, c_new, h_new, z, x_rec};
+  const GemmArgs g{x, x_rec, weight, defined_or_empty(bias), stride, padding};
+  const auto a = run_fwd(epilogue, fused, fused_gemm, g, c_prev, h_prev, alpha_on(h_alpha, c_prev));
+  return {a.y, a.c_new, a.h_new, a.z, x_rec};
 }
 
-Tensor bconv_cell_eval(EvalEpilogue epilogue, const Tensor& x, const Tensor& weight3,
-                       const OptTensor& bias3, const OptTensor& gate_map, int64_t stride,
-                       int64_t padding) {
+Tensor bconv_cell_eval(EvalEpilogue epilogue, FusedEval fused, const Tensor& x,
+                       const Tensor& weight3, const OptTensor& bias3, const OptTensor& gate_map,
+                       int64_t stride, int64_t padding, bool fused_gemm) {
   TORCH_CHECK(x.dim() == 4, "ptl_fused: x must be 4-D (B, Cin, H, W), got ", x.sizes());
   TORCH_CHECK(weight3.dim() == 4 && weight3.size(0) % 3 == 0 && weight3.size(1) == x.size(1),
               "ptl_fused: the eval weight must be (3*Cout, Cin, k, k) (gates i, o, g), got ",
@@ -122,24 +160,34 @@ Tensor bconv_cell_eval(EvalEpilogue epilogue, const Tensor& x, const Tensor& wei
               "ptl_fused: x and weight must share a floating dtype");
   TORCH_CHECK(stride >= 1 && padding >= 0, "ptl_fused: need stride >= 1 and padding >= 0");
   const auto fmt = x.suggest_memory_format();
-  Tensor z = at::convolution(x, weight3, bias3, {stride, stride}, {padding, padding}, {1, 1}, false,
-                             {0, 0}, 1)
-                 .contiguous(fmt);
+  check_fused(fused != nullptr || !fused_gemm, x);
+  // The fused kernel computes z in registers; the ATen path materialises it.
+  const Tensor z = fused_gemm ? Tensor()
+                              : at::convolution(x, weight3, bias3, {stride, stride},
+                                                {padding, padding}, {1, 1}, false, {0, 0}, 1)
+                                    .contiguous(fmt);
+  const auto zshape = conv_out_shape(x, weight3, stride, padding);
   EvalEpilogueArgs a;
   a.channels_last = fmt == c10::MemoryFormat::ChannelsLast;
   a.z = z;
   if (gate_map.has_value()) {
-    TORCH_CHECK(gate_map->sizes() == z.sizes().slice(1),
-                "ptl_fused: gate_map must be (3*Cout, Ho, Wo) = ", z.sizes().slice(1), ", got ",
+    const auto map_shape = at::IntArrayRef(zshape).slice(1);
+    TORCH_CHECK(gate_map->sizes() == map_shape,
+                "ptl_fused: gate_map must be (3*Cout, Ho, Wo) = ", map_shape, ", got ",
                 gate_map->sizes());
     TORCH_CHECK(gate_map->device() == x.device(), "ptl_fused: gate_map is on ", gate_map->device(),
                 ", x on ", x.device());
-    const Tensor m = gate_map->to(z.scalar_type());
+    const Tensor m = gate_map->to(x.scalar_type());
     // The map follows z's layout without the batch: (3C, Ho, Wo), or (Ho, Wo, 3C) for NHWC.
     a.gate_map = a.channels_last ? m.permute({1, 2, 0}).contiguous() : m.contiguous();
   }
-  a.y = at::empty({z.size(0), z.size(1) / 3, z.size(2), z.size(3)}, z.options().memory_format(fmt));
-  if (z.numel() > 0) epilogue(a);
+  a.y = at::empty({zshape[0], zshape[1] / 3, zshape[2], zshape[3]}, x.options().memory_format(fmt));
+  if (a.y.numel() == 0) return a.y;
+  if (fused_gemm) {
+    fused({x, Tensor(), weight3, defined_or_empty(bias3), stride, padding}, a);
+  } else {
+    epilogue(a);
+  }
   return a.y;
 }
 
@@ -206,33 +254,33 @@ struct Autocast {
 
   static std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& x, const Tensor& w,
                                                 const OptTensor& b, const Tensor& c_prev,
-                                                int64_t stride, int64_t padding) {
+                                                int64_t stride, int64_t padding, bool fused_gemm) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("ptl_fused::bconv_cell_fwd", "")
                          .typed<decltype(fwd)>();
-    return op.call(cast(x), cast(w), cast(b), c_prev, stride, padding);
+    return op.call(cast(x), cast(w), cast(b), c_prev, stride, padding, fused_gemm);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> v2_fwd(
       const Tensor& x, const Tensor& w, const OptTensor& b, const Tensor& w_rec,
       const OptTensor& b_rec, const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
-      int64_t stride, int64_t padding) {
+      int64_t stride, int64_t padding, bool fused_gemm) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("ptl_fused::bconv_cell_v2_fwd", "")
                          .typed<decltype(v2_fwd)>();
     return op.call(cast(x), cast(w), cast(b), cast(w_rec), cast(b_rec), c_prev, h_prev, h_alpha,
-                   stride, padding);
+                   stride, padding, fused_gemm);
   }
 
   static Tensor eval(const Tensor& x, const Tensor& w3, const OptTensor& b3,
-                     const OptTensor& gate_map, int64_t stride, int64_t padding) {
+                     const OptTensor& gate_map, int64_t stride, int64_t padding, bool fused_gemm) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("ptl_fused::bconv_cell_eval", "")
                          .typed<decltype(eval)>();
-    return op.call(cast(x), cast(w3), cast(b3), cast(gate_map), stride, padding);
+    return op.call(cast(x), cast(w3), cast(b3), cast(gate_map), stride, padding, fused_gemm);
   }
 };
 
@@ -241,14 +289,15 @@ struct Autocast {
 TORCH_LIBRARY(ptl_fused, m) {
   m.def(
       "bconv_cell_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor c_prev, int stride, "
-      "int padding) -> (Tensor y, Tensor c_new, Tensor gates)");
+      "int padding, bool fused_gemm=False) -> (Tensor y, Tensor c_new, Tensor gates)");
   m.def(
       "bconv_cell_bwd(Tensor? grad_y, Tensor? grad_c_new, Tensor c_prev, Tensor gates) -> "
       "(Tensor grad_z, Tensor grad_c_prev)");
   m.def(
       "bconv_cell_v2_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor weight_rec, "
       "Tensor? bias_rec, Tensor c_prev, Tensor h_prev, Tensor h_alpha, int stride, "
-      "int padding) -> (Tensor y, Tensor c_new, Tensor h_new, Tensor gates, Tensor x_rec)");
+      "int padding, bool fused_gemm=False) -> "
+      "(Tensor y, Tensor c_new, Tensor h_new, Tensor gates, Tensor x_rec)");
   m.def(
       "bconv_cell_v2_bwd(Tensor? grad_y, Tensor? grad_c_new, Tensor? grad_h_new, "
       "Tensor c_prev, Tensor gates, Tensor h_alpha) -> "
@@ -257,7 +306,7 @@ TORCH_LIBRARY(ptl_fused, m) {
   // the full op): weight3/bias3 are the i, o, g rows, gate_map v2's constant share.
   m.def(
       "bconv_cell_eval(Tensor x, Tensor weight3, Tensor? bias3, Tensor? gate_map, int stride, "
-      "int padding) -> Tensor y");
+      "int padding, bool fused_gemm=False) -> Tensor y");
 }
 
 TORCH_LIBRARY_IMPL(ptl_fused, AutocastCPU, m) {

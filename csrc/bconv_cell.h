@@ -1,4 +1,4 @@
-// The BConv-Cell ops (schemas in ptl_fused.cpp): device-generic bodies around per-device
+// The BConv-Cell ops (schemas in bconv_cell.cpp): device-generic bodies around per-device
 // fused epilogues. A backend (csrc/cpu, csrc/cuda) supplies the two epilogues and registers
 // the bodies for its dispatch key with register_bconv_kernels<>.
 //
@@ -8,6 +8,9 @@
 //             convolution backward is ATen's, called from Python (ptl_fused/_cpp_ops.py).
 //   eval    : the zero-state shortcut (DESIGN.md §5, python_ref/eval_path.py): Z = conv(x)
 //             over the i, o, g rows only (+ v2's precomputed gate map); ONE epilogue -> y.
+// fused_gemm=True (forward and eval; CUDA only, csrc/cuda/fused_gemm.cu) replaces the ATen
+// convolution + epilogue with ONE implicit-GEMM kernel whose epilogue is the cell: Z never
+// reaches memory, the activated gates are written directly.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -44,25 +47,37 @@ struct EvalEpilogueArgs {
   bool channels_last;
 };
 
+// The convolution of the fused implicit-GEMM forward: Z = conv(x, weight[:, :Cin]) (+ for
+// v2 conv(x_rec, weight[:, Cin:]), the concatenation never built) + bias. The epilogue args
+// then name the outputs: FwdEpilogueArgs.z receives the activated gates (not read);
+// EvalEpilogueArgs.z is unused.
+struct GemmArgs {
+  Tensor x, x_rec, weight, bias;  // x_rec, bias: undefined when absent
+  int64_t stride, padding;
+};
+
 using FwdEpilogue = void (*)(const FwdEpilogueArgs&);
 using BwdEpilogue = void (*)(const BwdEpilogueArgs&);
 using EvalEpilogue = void (*)(const EvalEpilogueArgs&);
+using FusedFwd = void (*)(const GemmArgs&, const FwdEpilogueArgs&);
+using FusedEval = void (*)(const GemmArgs&, const EvalEpilogueArgs&);
 
 using OptTensor = std::optional<Tensor>;
 
-std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, const Tensor& x,
-                                                  const Tensor& weight, const OptTensor& bias,
-                                                  const Tensor& c_prev, int64_t stride,
-                                                  int64_t padding);
+std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, FusedFwd fused,
+                                                  const Tensor& x, const Tensor& weight,
+                                                  const OptTensor& bias, const Tensor& c_prev,
+                                                  int64_t stride, int64_t padding, bool fused_gemm);
 
 std::tuple<Tensor, Tensor> bconv_cell_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
                                           const OptTensor& grad_c_new, const Tensor& c_prev,
                                           const Tensor& gates);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
-    FwdEpilogue epilogue, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-    const Tensor& weight_rec, const OptTensor& bias_rec, const Tensor& c_prev, const Tensor& h_prev,
-    const Tensor& h_alpha, int64_t stride, int64_t padding);
+    FwdEpilogue epilogue, FusedFwd fused, const Tensor& x, const Tensor& weight,
+    const OptTensor& bias, const Tensor& weight_rec, const OptTensor& bias_rec,
+    const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha, int64_t stride,
+    int64_t padding, bool fused_gemm);
 
 std::tuple<Tensor, Tensor, Tensor> bconv_cell_v2_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
                                                      const OptTensor& grad_c_new,
@@ -70,17 +85,19 @@ std::tuple<Tensor, Tensor, Tensor> bconv_cell_v2_bwd(BwdEpilogue epilogue, const
                                                      const Tensor& c_prev, const Tensor& gates,
                                                      const Tensor& h_alpha);
 
-Tensor bconv_cell_eval(EvalEpilogue epilogue, const Tensor& x, const Tensor& weight3,
-                       const OptTensor& bias3, const OptTensor& gate_map, int64_t stride,
-                       int64_t padding);
+Tensor bconv_cell_eval(EvalEpilogue epilogue, FusedEval fused, const Tensor& x,
+                       const Tensor& weight3, const OptTensor& bias3, const OptTensor& gate_map,
+                       int64_t stride, int64_t padding, bool fused_gemm);
 
-// Binds a backend's epilogues into the op bodies above, for TORCH_LIBRARY_IMPL.
-template <FwdEpilogue FE, BwdEpilogue BE, EvalEpilogue EE>
+// Binds a backend's epilogues (and fused forward, where it has one) into the op bodies above,
+// for TORCH_LIBRARY_IMPL.
+template <FwdEpilogue FE, BwdEpilogue BE, EvalEpilogue EE, FusedFwd FF = nullptr,
+          FusedEval FV = nullptr>
 struct Kernels {
   static std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& x, const Tensor& w,
                                                 const OptTensor& b, const Tensor& c_prev,
-                                                int64_t stride, int64_t padding) {
-    return bconv_cell_fwd(FE, x, w, b, c_prev, stride, padding);
+                                                int64_t stride, int64_t padding, bool fused_gemm) {
+    return bconv_cell_fwd(FE, FF, x, w, b, c_prev, stride, padding, fused_gemm);
   }
   static std::tuple<Tensor, Tensor> bwd(const OptTensor& gy, const OptTensor& gc,
                                         const Tensor& c_prev, const Tensor& gates) {
@@ -89,8 +106,9 @@ struct Kernels {
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> v2_fwd(
       const Tensor& x, const Tensor& w, const OptTensor& b, const Tensor& w_rec,
       const OptTensor& b_rec, const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
-      int64_t stride, int64_t padding) {
-    return bconv_cell_v2_fwd(FE, x, w, b, w_rec, b_rec, c_prev, h_prev, h_alpha, stride, padding);
+      int64_t stride, int64_t padding, bool fused_gemm) {
+    return bconv_cell_v2_fwd(FE, FF, x, w, b, w_rec, b_rec, c_prev, h_prev, h_alpha, stride,
+                             padding, fused_gemm);
   }
   static std::tuple<Tensor, Tensor, Tensor> v2_bwd(const OptTensor& gy, const OptTensor& gc,
                                                    const OptTensor& gh, const Tensor& c_prev,
@@ -98,14 +116,15 @@ struct Kernels {
     return bconv_cell_v2_bwd(BE, gy, gc, gh, c_prev, gates, h_alpha);
   }
   static Tensor eval(const Tensor& x, const Tensor& w3, const OptTensor& b3,
-                     const OptTensor& gate_map, int64_t stride, int64_t padding) {
-    return bconv_cell_eval(EE, x, w3, b3, gate_map, stride, padding);
+                     const OptTensor& gate_map, int64_t stride, int64_t padding, bool fused_gemm) {
+    return bconv_cell_eval(EE, FV, x, w3, b3, gate_map, stride, padding, fused_gemm);
   }
 };
 
-template <FwdEpilogue FE, BwdEpilogue BE, EvalEpilogue EE>
+template <FwdEpilogue FE, BwdEpilogue BE, EvalEpilogue EE, FusedFwd FF = nullptr,
+          FusedEval FV = nullptr>
 void register_bconv_kernels(torch::Library& m) {
-  using K = Kernels<FE, BE, EE>;
+  using K = Kernels<FE, BE, EE, FF, FV>;
   m.impl("bconv_cell_fwd", TORCH_FN(K::fwd));
   m.impl("bconv_cell_bwd", TORCH_FN(K::bwd));
   m.impl("bconv_cell_v2_fwd", TORCH_FN(K::v2_fwd));

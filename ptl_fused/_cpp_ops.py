@@ -38,13 +38,13 @@ def _fake_fwd_outputs(x, weight, c_prev, stride, padding):
 
 
 @torch.library.register_fake("ptl_fused::bconv_cell_fwd")
-def _(x, weight, bias, c_prev, stride, padding):
+def _(x, weight, bias, c_prev, stride, padding, fused_gemm=False):
     y, c_new, gates, _ = _fake_fwd_outputs(x, weight, c_prev, stride, padding)
     return y, c_new, gates
 
 
 @torch.library.register_fake("ptl_fused::bconv_cell_v2_fwd")
-def _(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding):
+def _(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, fused_gemm=False):
     y, c_new, gates, fmt = _fake_fwd_outputs(x, weight, c_prev, stride, padding)
     return y, c_new, torch.empty_like(c_new), gates, _empty(x.shape, x, x.dtype, fmt)
 
@@ -66,7 +66,7 @@ def _(grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha):
 
 
 @torch.library.register_fake("ptl_fused::bconv_cell_eval")
-def _(x, weight3, bias3, gate_map, stride, padding):
+def _(x, weight3, bias3, gate_map, stride, padding, fused_gemm=False):
     hw = _out_hw(x, weight3.shape[-1], stride, padding)
     return _empty((x.shape[0], weight3.shape[0] // 3, *hw), x, x.dtype, suggest_memory_format(x))
 
@@ -83,17 +83,21 @@ torch.library.register_autograd(
 )
 
 
-def bconv_cell(x, weight, bias, c_prev, stride, padding):
-    y, c_new, _ = ops.bconv_cell_fwd(x, weight, bias, c_prev, stride, padding)
+# fused_gemm=True: the CUDA implicit-GEMM kernel (convolution + cell in one kernel) instead of
+# the ATen convolution + fused epilogue; backward is the same either way.
+def bconv_cell(x, weight, bias, c_prev, stride, padding, fused_gemm=False):
+    y, c_new, _ = ops.bconv_cell_fwd(x, weight, bias, c_prev, stride, padding, fused_gemm)
     return y, c_new
 
 
-def bconv_cell_v2(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding):
+def bconv_cell_v2(
+    x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, fused_gemm=False
+):
     y, c_new, h_new, _, _ = ops.bconv_cell_v2_fwd(
-        x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding
+        x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, fused_gemm
     )
     return y, c_new, h_new
 
 
-def bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding):
-    return ops.bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding)
+def bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding, fused_gemm=False):
+    return ops.bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding, fused_gemm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -53,8 +54,11 @@ if _extension.C is not None:
     from . import _cpp_ops
 
     _cpp_cell, _cpp_cell_v2, _cpp_eval = _cpp_ops.bconv_cell, _cpp_ops.bconv_cell_v2, _cpp_ops.bconv_cell_eval
+    _igemm_cell, _igemm_cell_v2, _igemm_eval = (
+        partial(f, fused_gemm=True) for f in (_cpp_cell, _cpp_cell_v2, _cpp_eval)
+    )
 else:
-    _cpp_cell = _cpp_cell_v2 = _cpp_eval = _no_extension
+    _cpp_cell = _cpp_cell_v2 = _cpp_eval = _igemm_cell = _igemm_cell_v2 = _igemm_eval = _no_extension
 
 # Triton runs on CUDA, and on the CPU only in its interpreter (tests; set TRITON_INTERPRET=1
 # before triton is imported).
@@ -90,6 +94,11 @@ BACKENDS: dict[str, Backend] = {
     ),
     "cpu": Backend("cpu", ("cpu",), _cpp_cell, _cpp_cell_v2, _cpp_eval, _cpu_unavailable),
     "cuda": Backend("cuda", ("cuda",), _cpp_cell, _cpp_cell_v2, _cpp_eval, _cuda_unavailable),
+    # The same ops with fused_gemm=True: one implicit-GEMM kernel per forward (tensor cores for
+    # fp16/bf16; fp32/fp64 run it with scalar FMAs, slowly), cuDNN in backward.
+    "cuda_igemm": Backend(
+        "cuda_igemm", ("cuda",), _igemm_cell, _igemm_cell_v2, _igemm_eval, _cuda_unavailable
+    ),
     "triton": Backend(
         "triton",
         ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",),
@@ -101,8 +110,9 @@ BACKENDS: dict[str, Backend] = {
 }
 
 # Preference of "auto" per device type, first available wins. On CUDA the cuDNN + fused
-# epilogue backend comes first until GPU benchmarks (bench/results/) show Triton ahead; the
-# interpreted Triton is never picked on the CPU.
+# epilogue backend comes first until GPU benchmarks (bench/results/) show Triton or the
+# implicit-GEMM kernel ahead (none has run on a GPU yet); the interpreted Triton is never
+# picked on the CPU.
 AUTO_ORDER = {"cuda": ["cuda", "triton", "reference"], "cpu": ["cpu", "reference"]}
 
 

@@ -44,6 +44,16 @@ CASES = [
     Case(1, 2, 1, 8, 6, 3, 2, 0),
 ]
 
+# Wider cells for the GPU kernels' tiling (csrc/cuda/fused_gemm.cu, ptl_fused/triton): several
+# pixel, channel and reduction tiles, each with a partial last tile (Cout > 64 and not a
+# multiple of 32, K = Cin·k·k over many steps, M = B·Ho·Wo not a multiple of 64).
+WIDE_CASES = [
+    Case(3, 40, 70, 13, 11, 3, 1, 1),
+    Case(2, 17, 33, 10, 9, 3, 2, 1),
+    Case(2, 24, 40, 9, 9, 5, 1, 2),
+    Case(5, 19, 65, 6, 7, 1, 1, 0),
+]
+
 # The state dtype of each compute dtype (DESIGN.md §1).
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 

@@ -28,19 +28,33 @@ def test_gradcheck_float64(backend, device, case, v2):
     assert torch.autograd.gradcheck(fn, [args[n] for n in names], eps=1e-6, atol=1e-7)
 
 
-def _op_samples(v2: bool, dtype=torch.float32):
+def _op_samples(v2: bool, dtype=torch.float32, device="cpu", fused_gemm=None):
     case = CASES[1]
-    args = cast_inputs(make_inputs(case, v2), dtype, "cpu")
+    args = cast_inputs(make_inputs(case, v2), dtype, device)
+    extra = () if fused_gemm is None else (fused_gemm,)
     if v2:
-        args["h_alpha"] = torch.tensor(0.25)
-        return torch.ops.ptl_fused.bconv_cell_v2_fwd.default, (*args.values(), case.stride, case.padding)
-    return torch.ops.ptl_fused.bconv_cell_fwd.default, (*args.values(), case.stride, case.padding)
+        args["h_alpha"] = torch.tensor(0.25, device=device)
+        return torch.ops.ptl_fused.bconv_cell_v2_fwd.default, (
+            *args.values(),
+            case.stride,
+            case.padding,
+            *extra,
+        )
+    return torch.ops.ptl_fused.bconv_cell_fwd.default, (*args.values(), case.stride, case.padding, *extra)
+
+
+_NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_opcheck_forward_ops(v2, channels_last):
-    op, args = _op_samples(v2)
+@pytest.mark.parametrize(
+    "device,fused_gemm",
+    [("cpu", None), pytest.param("cuda", False, marks=_NO_GPU), pytest.param("cuda", True, marks=_NO_GPU)],
+    ids=["cpu", "cuda", "cuda-fused_gemm"],
+)
+def test_opcheck_forward_ops(v2, channels_last, device, fused_gemm):
+    op, args = _op_samples(v2, device=device, fused_gemm=fused_gemm)
     if channels_last:
         args = tuple(
             a.detach().contiguous(memory_format=torch.channels_last).requires_grad_()

@@ -9,6 +9,7 @@ from cells import (
     CASES,
     DTYPES,
     OUT_NAMES,
+    WIDE_CASES,
     backend_params,
     cast_inputs,
     forward_backward,
@@ -42,6 +43,22 @@ def _check(backend, device, case, v2, dtype, master, layout=None):
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_forward_and_gradients_match_reference(backend, device, case, dtype, v2):
     _check(backend, device, case, v2, dtype, make_inputs(case, v2))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cuda",)))
+def test_wide_cells_on_gpu(backend, device, case, dtype, v2):
+    _check(backend, device, case, v2, dtype, make_inputs(case, v2))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cuda",)))
+def test_wide_cells_channels_last_on_gpu(backend, device, dtype, v2):
+    case = WIDE_CASES[0]
+    _check(backend, device, case, v2, dtype, make_inputs(case, v2), layout=_channels_last)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])

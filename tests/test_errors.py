@@ -113,6 +113,18 @@ def test_backend_on_wrong_device_or_unavailable():
             ops.bconv_cell(**_v1(), backend="cuda")
 
 
+@pytest.mark.parametrize("op", ["bconv_cell_fwd", "bconv_cell_eval"])
+def test_fused_gemm_on_cpu_tensors_is_refused(op):
+    # The implicit-GEMM kernel is CUDA-only; on the CPU the op says so instead of falling back.
+    a = _v1()
+    if op == "bconv_cell_eval":
+        args = (a["x"], a["weight"][: 3 * a["weight"].shape[0] // 4], None, None, 1, 1, True)
+    else:
+        args = (a["x"], a["weight"], a["bias"], a["c_prev"], 1, 1, True)
+    with pytest.raises(RuntimeError, match=r"fused_gemm=True .* runs on CUDA tensors only; x is on cpu"):
+        getattr(torch.ops.ptl_fused, op)(*args)
+
+
 def test_double_backward_is_refused():
     args = _v1()
     args["x"].requires_grad_()

@@ -10,7 +10,7 @@ import ptl_fused
 import python_ref
 from ptl_fused import ops
 
-from cells import CASES, DTYPES, backend_params, cast_inputs, make_inputs, skip_unsupported
+from cells import CASES, DTYPES, WIDE_CASES, backend_params, cast_inputs, make_inputs, skip_unsupported
 from tolerances import assert_matches_oracle
 
 
@@ -65,9 +65,17 @@ def test_eval_shortcut_matches_reference(backend, device, case, dtype, v2):
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cuda",)))
+def test_eval_shortcut_wide_cells_on_gpu(backend, device, case, dtype, v2):
+    test_eval_shortcut_matches_reference(backend, device, case, dtype, v2)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", [CASES[1], WIDE_CASES[0]], ids=str)
 @pytest.mark.parametrize("backend,device", backend_params())
-def test_eval_shortcut_channels_last(backend, device, v2):
-    case = CASES[1]
+def test_eval_shortcut_channels_last(backend, device, case, v2):
     master = make_inputs(case, v2)
     oracle = _zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
     args = cast_inputs(master, torch.float32, device, False)
@@ -193,8 +201,9 @@ def test_opcheck_eval_op(backend, device):
     x = torch.randn(2, 3, 7, 5, device=device)
     w3, b3 = torch.randn(12, 3, 3, 3, device=device), torch.randn(12, device=device)
     gate_map = torch.randn(12, 4, 3, device=device)
-    torch.library.opcheck(op, (x, w3, b3, None, 2, 1))
-    torch.library.opcheck(op, (x, w3, None, gate_map, 2, 1))
+    extra = (True,) if backend == "cuda_igemm" else ()  # fused_gemm
+    torch.library.opcheck(op, (x, w3, b3, None, 2, 1, *extra))
+    torch.library.opcheck(op, (x, w3, None, gate_map, 2, 1, *extra))
 
 
 def test_eval_errors():

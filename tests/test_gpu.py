@@ -17,7 +17,7 @@ from ptl_fused import BConvCell, BConvCellV2, available_backends
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
-GPU_BACKENDS = [b for b in ("cuda", "triton", "reference") if b in available_backends()]
+GPU_BACKENDS = [b for b in ("cuda", "cuda_igemm", "triton", "reference") if b in available_backends()]
 
 
 def _model(v2: bool, backend: str) -> nn.Module:

@@ -9,6 +9,7 @@
 
 #include "../bconv_cell.h"
 #include "../cell_math.h"
+#include "fused_gemm.h"
 
 namespace ptl_fused {
 namespace {
@@ -257,7 +258,8 @@ void eval_epilogue_cuda(const EvalEpilogueArgs& a) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ptl_fused, CUDA, m) {
-  register_bconv_kernels<fwd_epilogue_cuda, bwd_epilogue_cuda, eval_epilogue_cuda>(m);
+  register_bconv_kernels<fwd_epilogue_cuda, bwd_epilogue_cuda, eval_epilogue_cuda, fused_fwd_cuda,
+                         fused_eval_cuda>(m);
 }
 
 }  // namespace ptl_fused
