@@ -73,9 +73,14 @@ def test_eval_shortcut_wide_cells_on_gpu(backend, device, case, dtype, v2):
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("case", [CASES[1], WIDE_CASES[0]], ids=str)
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cuda",)))
+def test_eval_shortcut_wide_cells_channels_last_on_gpu(backend, device, v2):
+    test_eval_shortcut_channels_last(backend, device, v2, case=WIDE_CASES[0])
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend,device", backend_params())
-def test_eval_shortcut_channels_last(backend, device, case, v2):
+def test_eval_shortcut_channels_last(backend, device, v2, case=CASES[1]):
     master = make_inputs(case, v2)
     oracle = _zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
     args = cast_inputs(master, torch.float32, device, False)
