@@ -1,15 +1,12 @@
-// A CPU stand-in for the CUDA built-ins that csrc/cuda/fused_gemm_kernel.cuh
-// uses, so the kernel's own source runs (and is tested) on a machine without a
-// GPU:
+// A CPU stand-in for the CUDA built-ins that csrc/cuda/*.cuh use, so the kernels' own source
+// runs (and is tested) on a machine without a GPU:
 //   - a block's threads are std::threads; __syncthreads() is a std::barrier;
-//   - __shared__ is a function-local static, shared by the block's threads
-//   (blocks run one
+//   - __shared__ is a function-local static, shared by the block's threads (blocks run one
 //     after another);
-//   - WMMA is whole-tile: every lane holds the full 16x16 tile, lane 0 stores
-//   it, and the
+//   - WMMA is whole-tile: every lane holds the full 16x16 tile, lane 0 stores it, and the
 //     documented pointer-alignment and ldm rules are checked.
-// What it shows: indexing, tiling, barrier placement, the shared-memory reuse,
-// the cell math. What it cannot: the hardware's fragment layout, timing, real
+// What it shows: indexing, tiling, grid-stride loops, barrier placement, the shared-memory
+// reuse, the cell math. What it cannot: the hardware's fragment layout, timing, real
 // alignment faults.
 #pragma once
 
@@ -24,6 +21,7 @@
 
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 #define __shared__ static
@@ -34,7 +32,7 @@ namespace cuda_emulation {
 struct Index {
   unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local Index thread_index, block_index;
+inline thread_local Index thread_index, block_index, block_dim, grid_dim;
 inline std::barrier<> *block_barrier = nullptr;
 
 // The first broken rule (WMMA alignment or ldm), reported by launch().
@@ -42,8 +40,7 @@ inline std::mutex error_mutex;
 inline std::string error;
 inline void fail(const std::string &what) {
   const std::lock_guard<std::mutex> lock(error_mutex);
-  if (error.empty())
-    error = what;
+  if (error.empty()) error = what;
 }
 
 // Runs kernel() on a grid of gx x gy blocks of `threads` threads; returns the
@@ -60,25 +57,26 @@ std::string launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
         pool.emplace_back([&, t] {
           thread_index = {t, 0, 0};
           block_index = {bx, by, 0};
+          block_dim = {threads, 1, 1};
+          grid_dim = {gx, gy, 1};
           kernel();
         });
       }
-      for (auto &th : pool)
-        th.join();
+      for (auto &th : pool) th.join();
     }
   }
   block_barrier = nullptr;
   return error;
 }
 
-} // namespace cuda_emulation
+}  // namespace cuda_emulation
 
 #define threadIdx ::cuda_emulation::thread_index
 #define blockIdx ::cuda_emulation::block_index
+#define blockDim ::cuda_emulation::block_dim
+#define gridDim ::cuda_emulation::grid_dim
 
-inline void __syncthreads() {
-  cuda_emulation::block_barrier->arrive_and_wait();
-}
+inline void __syncthreads() { cuda_emulation::block_barrier->arrive_and_wait(); }
 [[noreturn]] inline void __trap() { std::abort(); }
 
 namespace nvcuda::wmma {
@@ -93,8 +91,7 @@ enum layout_t { mem_row_major, mem_col_major };
 // The whole tile, rows x cols of the operand it holds (16 x 16 here).
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16,
-                "the emulation knows the 16x16x16 shape only");
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation knows the 16x16x16 shape only");
   T x[16][16];
 };
 
@@ -105,26 +102,22 @@ void check_pointer(const T *p, unsigned ldm, const char *what) {
   if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0)
     cuda_emulation::fail(std::string(what) + ": pointer not 32-byte aligned");
   if ((ldm * sizeof(T)) % 16 != 0)
-    cuda_emulation::fail(std::string(what) +
-                         ": ldm not a multiple of 16 bytes");
+    cuda_emulation::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
 }
 
 template <typename Use, int M, int N, int K, typename T, typename L, typename V>
 void fill_fragment(fragment<Use, M, N, K, T, L> &f, V v) {
   for (auto &row : f.x)
-    for (auto &e : row)
-      e = static_cast<T>(v);
+    for (auto &e : row) e = static_cast<T>(v);
 }
 
 template <typename Use, int M, int N, int K, typename T, typename L>
-void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const T *p,
-                      unsigned ldm) {
+void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const T *p, unsigned ldm) {
   static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>);
   check_pointer(p, ldm, "load_matrix_sync");
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c)
-      f.x[r][c] =
-          std::is_same_v<L, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+      f.x[r][c] = std::is_same_v<L, row_major> ? p[r * ldm + c] : p[c * ldm + r];
 }
 
 template <typename TA, typename LA, typename TB, typename LB>
@@ -143,15 +136,12 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
   d = out;
 }
 
-inline void store_matrix_sync(float *p,
-                              const fragment<accumulator, 16, 16, 16, float> &f,
+inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f,
                               unsigned ldm, layout_t layout) {
   check_pointer(p, ldm, "store_matrix_sync");
-  if (threadIdx.x % 32 != 0)
-    return; // one lane writes the warp's tile
+  if (threadIdx.x % 32 != 0) return;  // one lane writes the warp's tile
   for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c)
-      p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r][c];
+    for (int c = 0; c < 16; ++c) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r][c];
 }
 
-} // namespace nvcuda::wmma
+}  // namespace nvcuda::wmma

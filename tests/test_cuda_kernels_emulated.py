@@ -27,9 +27,10 @@ from tolerances import assert_matches_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [
-    ROOT / "tests/emulation/fused_gemm_emulated.cpp",
+    ROOT / "tests/emulation/cuda_kernels_emulated.cpp",
     ROOT / "tests/emulation/cuda_emulation.h",
     ROOT / "csrc/cuda/fused_gemm_kernel.cuh",
+    ROOT / "csrc/cuda/epilogue_kernels.cuh",
     ROOT / "csrc/cell_math.h",
     ROOT / "csrc/bconv_cell.h",
 ]
@@ -43,7 +44,7 @@ def emulated():
     # stale build (torch's JIT cache only hashes the .cpp).
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
     return load(
-        f"ptl_fused_gemm_emulated_{digest}",
+        f"ptl_fused_cuda_emulated_{digest}",
         [str(SOURCES[0])],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests/emulation")],
         extra_cflags=["-O2", "-std=c++20"],
@@ -181,3 +182,140 @@ def test_emulation_checks_wmma_alignment():
     # The stand-in's WMMA rules are live: a misaligned tile pointer is reported (the kernel's
     # own loads and stores pass the same check in every test above).
     assert emulated().misaligned_wmma_load() == "load_matrix_sync: pointer not 32-byte aligned"
+
+
+# ---- The epilogue kernels of backend "cuda" (csrc/cuda/epilogue_kernels.cuh) ----------------
+# Shapes: (B, C, Ho, Wo) with a row length (Ho·Wo for NCHW, C for NHWC) that is a multiple of
+# 4 (the 16-byte path, V = 4 or 2) and one that is not (V = 1); `offset` starts every tensor one
+# element into its buffer, which also forces V = 1.
+EPILOGUE_SHAPES = [(2, 8, 4, 6), (3, 5, 3, 7), (1, 12, 5, 5)]
+
+
+def _rand(shape, dtype, channels_last, g, scale=1.0, offset=False):
+    """A random tensor in the layout, optionally one element into a larger buffer."""
+    b, c, h, w = shape
+    n = b * c * h * w
+    buf = torch.randn(n + int(offset), generator=g, dtype=torch.float64).mul_(scale).to(dtype)
+    flat = buf[int(offset) :]
+    return flat.view(b, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(shape)
+
+
+def _out(shape, dtype, channels_last, offset):
+    t, buf, guard = _guarded(shape, dtype, channels_last, guard=96 + int(offset))  # 96: 16-byte aligned
+    return t, buf, guard
+
+
+def _cell_from_z(z, c_prev, h_prev, alpha):
+    """python_ref's epilogue on pre-activations z (B, 4C, Ho, Wo): (y, c_new[, h_new], gates)."""
+    y, c_new = python_ref.bconv_cell.__globals__["_gates_and_state"](z, c_prev)
+    i, f, o, g = z.chunk(4, dim=1)
+    gates = torch.cat([i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()], dim=1)
+    if h_prev is None:
+        return y, c_new, gates
+    return y, c_new, h_prev + alpha * (y - h_prev), gates
+
+
+@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "offset"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("shape", EPILOGUE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_forward_epilogue(dtype, shape, v2, channels_last, offset):
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w = shape
+    sdt, alpha = state_dtype(dtype), 0.3
+    z = _rand((b, 4 * c, h, w), dtype, channels_last, g, scale=2.0, offset=offset)
+    c_prev = _rand(shape, sdt, channels_last, g, offset=offset)
+    h_prev = _rand(shape, sdt, channels_last, g, offset=offset) if v2 else None
+    oracle = _cell_from_z(z.double(), c_prev.double(), h_prev.double() if v2 else None, alpha)
+    eager = _cell_from_z(z, c_prev, h_prev, alpha)
+    y, c_new = _out(shape, dtype, channels_last, offset), _out(shape, sdt, channels_last, offset)
+    h_new = _out(shape, sdt, channels_last, offset) if v2 else None
+    z_inout = z.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    emulated().epilogue_fwd(
+        z_inout, c_prev, h_prev, torch.tensor([alpha], dtype=sdt) if v2 else None,
+        y[0], c_new[0], h_new[0] if v2 else None, channels_last,
+    )  # fmt: skip
+    got = [_written_exactly(n, o) for n, o in (("y", y), ("c_new", c_new), ("h_new", h_new)) if o]
+    got.append(z_inout)  # the gates are written over z
+    for name, gt, e, o in zip(
+        ["y", "c_new", "h_new", "gates"] if v2 else ["y", "c_new", "gates"], got, eager, oracle, strict=True
+    ):
+        assert_matches_oracle(f"{shape} {name}", gt, e, o, dtype)
+
+
+@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "offset"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("grads", ["all", "y_only", "states_only"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("shape", EPILOGUE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_backward_epilogue(dtype, shape, v2, grads, channels_last, offset):
+    g = torch.Generator().manual_seed(1)
+    b, c, h, w = shape
+    sdt, alpha = state_dtype(dtype), 0.3
+    z = _rand((b, 4 * c, h, w), dtype, channels_last, g, scale=2.0)
+    c_prev = _rand(shape, sdt, channels_last, g, offset=offset)
+    h_prev = _rand(shape, sdt, channels_last, g) if v2 else None
+    gy = _rand(shape, dtype, channels_last, g, offset=offset) if grads != "states_only" else None
+    gc = _rand(shape, sdt, channels_last, g, offset=offset) if grads != "y_only" else None
+    gh = _rand(shape, sdt, channels_last, g, offset=offset) if v2 and grads != "y_only" else None
+
+    def autograd_of(z, c_prev, h_prev, gy, gc, gh):
+        """d(z, c_prev, h_prev) of sum(y·gy + c_new·gc + h_new·gh) through python_ref."""
+        z, c_prev = z.detach().requires_grad_(), c_prev.detach().requires_grad_()
+        h_prev = h_prev.detach().requires_grad_() if v2 else None
+        outs = _cell_from_z(z, c_prev, h_prev, alpha)[:-1]
+        loss = sum((o * gr).sum() for o, gr in zip(outs, (gy, gc, gh), strict=False) if gr is not None)
+        leaves = [z, c_prev] + ([h_prev] if v2 else [])
+        return [
+            d if d is not None else torch.zeros_like(t)
+            for d, t in zip(torch.autograd.grad(loss, leaves, allow_unused=True), leaves, strict=True)
+        ]
+
+    dbl = [t.double() if t is not None else None for t in (z, c_prev, h_prev, gy, gc, gh)]
+    oracle = autograd_of(*dbl)
+    eager = autograd_of(z, c_prev, h_prev, gy, gc, gh)
+    gates = _cell_from_z(z, c_prev, h_prev, alpha)[-1].contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    grad_z = _out((b, 4 * c, h, w), dtype, channels_last, offset)
+    grad_c = _out(shape, sdt, channels_last, offset)
+    grad_h = _out(shape, sdt, channels_last, offset) if v2 else None
+    emulated().epilogue_bwd(
+        gy, gc, gh, c_prev, gates, torch.tensor([alpha], dtype=sdt) if v2 else None,
+        grad_z[0], grad_c[0], grad_h[0] if v2 else None, channels_last,
+    )  # fmt: skip
+    got = [_written_exactly(n, o) for n, o in (("dz", grad_z), ("dc_prev", grad_c)) if o]
+    names = ["dz", "dc_prev"]
+    if v2:  # the epilogue's part of dH_{b-1}: the aggregation's (1 - alpha)·dH_b
+        got.append(_written_exactly("dh_prev", grad_h))
+        names.append("dh_prev")
+    for name, gt, e, o in zip(names, got, eager, oracle, strict=True):
+        assert_matches_oracle(f"{shape} {grads} {name}", gt, e, o, dtype)
+
+
+@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "offset"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_map", [False, True], ids=["v1", "v2map"])
+@pytest.mark.parametrize("shape", EPILOGUE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_eval_epilogue(dtype, shape, with_map, channels_last, offset):
+    g = torch.Generator().manual_seed(2)
+    b, c, h, w = shape
+    z = _rand((b, 3 * c, h, w), dtype, channels_last, g, scale=2.0, offset=offset)
+    gate_map = _rand((1, 3 * c, h, w), dtype, channels_last, g)[0] if with_map else None
+
+    def cell(z, m):
+        pre = z + m if m is not None else z
+        i, o, gg = pre.chunk(3, dim=1)
+        return o.sigmoid() * (i.sigmoid() * gg.tanh()).tanh()
+
+    oracle = cell(z.double(), gate_map.double() if with_map else None)
+    eager = cell(z, gate_map)
+    y = _out(shape, dtype, channels_last, offset)
+    m = None
+    if with_map:  # laid out like bconv_cell_eval hands it over: (3C, Ho, Wo) or (Ho, Wo, 3C)
+        m = (gate_map.permute(1, 2, 0) if channels_last else gate_map).contiguous()
+    emulated().epilogue_eval(z, m, y[0], channels_last)
+    assert_matches_oracle(f"{shape} eval y", _written_exactly("y", y), eager, oracle, dtype)

@@ -1,0 +1,144 @@
+// The CUDA kernels (csrc/cuda/fused_gemm_kernel.cuh, epilogue_kernels.cuh) compiled for the
+// CPU against cuda_emulation.h, with the same host set-up as the CUDA entry points
+// (fwd_params / eval_params; run_*_epilogue), exposed to tests/test_cuda_kernels_emulated.py.
+// The outputs are allocated by the caller (in guarded buffers, so a write out of bounds is
+// seen).
+
+// clang-format off
+#include "cuda_emulation.h"  // first: the built-ins the kernel source expects
+// clang-format on
+
+#include <torch/extension.h>
+
+#include <algorithm>
+
+#include "cuda/epilogue_kernels.cuh"
+#include "cuda/fused_gemm_kernel.cuh"
+
+namespace {
+
+using namespace ptl_fused;
+using namespace ptl_fused::fused_gemm;
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+
+template <typename T, int G, typename A>
+void run(const Params<T, A>& p) {
+  using Tile = std::conditional_t<kTensorCores<T>, TensorCoreTile<T, G>, ScalarTile<T, G>>;
+  const auto gx = static_cast<unsigned>((p.M + BM - 1) / BM);
+  const auto gy = static_cast<unsigned>((p.Cout + BN - 1) / BN);
+  const std::string err =
+      cuda_emulation::launch(gx, gy, kThreads, [&] { fused_cell_kernel<T, G, Tile>(p); });
+  TORCH_CHECK(err.empty(), "emulated fused kernel: ", err);
+}
+
+void fwd(const at::Tensor& x, const OptTensor& x_rec, const at::Tensor& weight,
+         const OptTensor& bias, const at::Tensor& c_prev, const OptTensor& h_prev,
+         const OptTensor& alpha, int64_t stride, int64_t padding, bool channels_last,
+         const at::Tensor& y, const at::Tensor& c_new, const OptTensor& h_new,
+         const at::Tensor& gates) {
+  const GemmArgs g{x, value_or_undefined(x_rec), weight, value_or_undefined(bias), stride, padding};
+  FwdEpilogueArgs a;
+  a.z = gates;
+  a.c_prev = c_prev;
+  a.h_prev = value_or_undefined(h_prev);
+  a.h_alpha = value_or_undefined(alpha);
+  a.y = y;
+  a.c_new = c_new;
+  a.h_new = value_or_undefined(h_new);
+  a.channels_last = channels_last;
+  const at::Tensor w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "emulated_fwd", [&] {
+    run<scalar_t, 4>(fwd_params<scalar_t, at::opmath_type<scalar_t>>(g, w, a));
+  });
+}
+
+void eval(const at::Tensor& x, const at::Tensor& weight3, const OptTensor& bias3,
+          const OptTensor& gate_map, int64_t stride, int64_t padding, bool channels_last,
+          const at::Tensor& y) {
+  const GemmArgs g{x, at::Tensor(), weight3, value_or_undefined(bias3), stride, padding};
+  EvalEpilogueArgs a;
+  a.gate_map = value_or_undefined(gate_map);
+  a.y = y;
+  a.channels_last = channels_last;
+  const at::Tensor w = weight3.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "emulated_eval", [&] {
+    run<scalar_t, 3>(eval_params<scalar_t, at::opmath_type<scalar_t>>(g, w, a));
+  });
+}
+
+// The epilogues' launcher: few, small blocks, so every grid-stride loop wraps around.
+struct EmulatedLaunch {
+  static constexpr int64_t kThreads = 64, kMaxBlocks = 3;
+  template <typename... KArgs, typename... Args>
+  static void launch(void (*kernel)(KArgs...), int64_t work, Args&&... args) {
+    const auto blocks = std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, kMaxBlocks);
+    const std::string err = cuda_emulation::launch(static_cast<unsigned>(blocks), 1, kThreads,
+                                                   [&] { kernel(args...); });
+    TORCH_CHECK(err.empty(), "emulated epilogue kernel: ", err);
+  }
+};
+
+void epilogue_fwd(const at::Tensor& z, const at::Tensor& c_prev, const OptTensor& h_prev,
+                  const OptTensor& h_alpha, const at::Tensor& y, const at::Tensor& c_new,
+                  const OptTensor& h_new, bool channels_last) {
+  FwdEpilogueArgs a;
+  a.z = z;
+  a.c_prev = c_prev;
+  a.h_prev = value_or_undefined(h_prev);
+  a.h_alpha = value_or_undefined(h_alpha);
+  a.y = y;
+  a.c_new = c_new;
+  a.h_new = value_or_undefined(h_new);
+  a.channels_last = channels_last;
+  epilogue::run_fwd_epilogue<EmulatedLaunch>(a);
+}
+
+void epilogue_bwd(const OptTensor& grad_y, const OptTensor& grad_c_new, const OptTensor& grad_h_new,
+                  const at::Tensor& c_prev, const at::Tensor& gates, const OptTensor& h_alpha,
+                  const at::Tensor& grad_z, const at::Tensor& grad_c_prev,
+                  const OptTensor& grad_h_prev, bool channels_last) {
+  BwdEpilogueArgs a;
+  a.grad_y = value_or_undefined(grad_y);
+  a.grad_c_new = value_or_undefined(grad_c_new);
+  a.grad_h_new = value_or_undefined(grad_h_new);
+  a.c_prev = c_prev;
+  a.gates = gates;
+  a.h_alpha = value_or_undefined(h_alpha);
+  a.grad_z = grad_z;
+  a.grad_c_prev = grad_c_prev;
+  a.grad_h_prev = value_or_undefined(grad_h_prev);
+  a.channels_last = channels_last;
+  epilogue::run_bwd_epilogue<EmulatedLaunch>(a);
+}
+
+void epilogue_eval(const at::Tensor& z, const OptTensor& gate_map, const at::Tensor& y,
+                   bool channels_last) {
+  EvalEpilogueArgs a;
+  a.z = z;
+  a.gate_map = value_or_undefined(gate_map);
+  a.y = y;
+  a.channels_last = channels_last;
+  epilogue::run_eval_epilogue<EmulatedLaunch>(a);
+}
+
+// A WMMA load from a pointer 8 bytes off 32-byte alignment: the stand-in's
+// error message (so a test can show its checks are live).
+std::string misaligned_wmma_load() {
+  alignas(64) static at::BFloat16 tile[16 * 40 + 8];
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, at::BFloat16, nvcuda::wmma::row_major>
+      f;
+  return cuda_emulation::launch(1, 1, 1, [&] { nvcuda::wmma::load_matrix_sync(f, tile + 4, 40); });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &fwd);
+  m.def("eval", &eval);
+  m.def("misaligned_wmma_load", &misaligned_wmma_load);
+  m.def("epilogue_fwd", &epilogue_fwd);
+  m.def("epilogue_bwd", &epilogue_bwd);
+  m.def("epilogue_eval", &epilogue_eval);
+}
