@@ -37,24 +37,22 @@ void launch(const Params<T, A>& p) {
 
 void fused_fwd_cuda(const GemmArgs& g, const FwdEpilogueArgs& a) {
   const c10::cuda::CUDAGuard guard(g.x.device());
-  const Tensor w = g.weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.x.scalar_type(),
-                                  "bconv_cell_fused_fwd_cuda", [&] {
-                                    using A = at::opmath_type<scalar_t>;
-                                    if constexpr (kTensorCores<scalar_t>) check_tensor_cores(g.x);
-                                    launch<scalar_t, 4>(fwd_params<scalar_t, A>(g, w, a));
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, g.x.scalar_type(), "bconv_cell_fused_fwd_cuda", [&] {
+        using A = at::opmath_type<scalar_t>;
+        if constexpr (kTensorCores<scalar_t>) check_tensor_cores(g.x);
+        launch<scalar_t, 4>(fwd_params<scalar_t, A>(g, gemm_weight<scalar_t>(g), a));
+      });
 }
 
 void fused_eval_cuda(const GemmArgs& g, const EvalEpilogueArgs& a) {
   const c10::cuda::CUDAGuard guard(g.x.device());
-  const Tensor w = g.weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.x.scalar_type(),
-                                  "bconv_cell_fused_eval_cuda", [&] {
-                                    using A = at::opmath_type<scalar_t>;
-                                    if constexpr (kTensorCores<scalar_t>) check_tensor_cores(g.x);
-                                    launch<scalar_t, 3>(eval_params<scalar_t, A>(g, w, a));
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, g.x.scalar_type(), "bconv_cell_fused_eval_cuda", [&] {
+        using A = at::opmath_type<scalar_t>;
+        if constexpr (kTensorCores<scalar_t>) check_tensor_cores(g.x);
+        launch<scalar_t, 3>(eval_params<scalar_t, A>(g, gemm_weight<scalar_t>(g), a));
+      });
 }
 
 }  // namespace ptl_fused

@@ -22,6 +22,8 @@
 
 #include <ATen/OpMathType.h>
 
+#include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "../bconv_cell.h"
@@ -64,7 +66,7 @@ struct Params {
   const T* x;
   const T* x_rec;  // v2's second source (x's sizes), or null
   Strides4 sx, sxr;
-  const T* w;     // (G·Cout, Kw) row-major: gate q of channel n is row q·Cout + n
+  const T* w;     // (G·Cout, ldw) row-major: gate q of channel n is row q·Cout + n
   const T* bias;  // (G·Cout,) or null
   const A* c_prev;
   const A* h_prev;  // v2, or null
@@ -77,8 +79,10 @@ struct Params {
   T* gates;  // training: the activated gates (B, 4·Cout, Ho, Wo)
   Strides4 sg;
   Strides4 ss;  // every state-shaped tensor: y, c_prev, c_new, h_prev, h_new
-  int64_t Cin, H, W, Cout, Ho, Wo, M;
-  int64_t K, Kw;  // K = Cin·k·k per source; Kw = the weight's row length (K or 2K)
+  int64_t Cout, Ho, Wo, M;
+  int Cin, H, W;
+  int K;         // im2col columns per source: Cin·k·k
+  int ldk, ldw;  // the weight's columns per source (K padded) and row stride (gemm_weight)
   int ks, stride, padding;
   bool channels_last;  // order of the epilogue's points: channels fastest, or pixels
 };
@@ -93,47 +97,113 @@ __device__ Pixel pixel_of(const P& p, int64_t m) {
   return {m / hw, (m % hw) / p.Wo, m % p.Wo};
 }
 
-// A tile: As[m][k] = im2col([x, X~])[m0 + m][k0 + k], zero outside the image and the tile.
-// Each thread keeps one pixel (m = tid % BM) and steps k by kThreads / BM, so a warp reads
-// 32 neighbouring pixels of one input channel (coalesced in NCHW).
-template <int BK, int LDS, typename T, typename A>
-__device__ void load_a(const Params<T, A>& p, T* As, int64_t m0, int64_t k0) {
-  const int m = threadIdx.x % BM;
-  const bool pixel_ok = m0 + m < p.M;
-  const Pixel px = pixel_of(p, pixel_ok ? m0 + m : 0);
-  const int64_t ih0 = px.oh * p.stride - p.padding, iw0 = px.ow * p.stride - p.padding;
-  const int taps = p.ks * p.ks;
-  for (int k = threadIdx.x / BM; k < BK; k += kThreads / BM) {
-    const int64_t kg = k0 + k;
-    T v = T(0);
-    if (pixel_ok && kg < p.Kw) {
-      const bool rec = kg >= p.K;
-      const int64_t kc = rec ? kg - p.K : kg;
-      const int64_t cin = kc / taps;
-      const int tap = static_cast<int>(kc % taps);
-      const int64_t ih = ih0 + tap / p.ks, iw = iw0 + tap % p.ks;
-      if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) {
-        const Strides4& s = rec ? p.sxr : p.sx;
-        v = (rec ? p.x_rec : p.x)[px.b * s.b + cin * s.c + ih * s.h + iw * s.w];
-      }
-    }
-    As[m * LDS + k] = v;
+// A thread fills one row of every A tile (its output pixel m = tid % BM) at every
+// (kThreads / BM)-th column, and the tiles of one K source follow each other, so the thread
+// walks the im2col columns of its pixel in one sequence per source: column k is (input
+// channel ch, kernel row dh, kernel column dw), stepped by carrying digits and the element
+// offset `at` by adding strides; nothing is divided or multiplied per element (the kernel
+// size is only known at run time).
+template <typename T>
+struct Walker {
+  static constexpr int kStep = kThreads / BM;
+  const T* x;
+  int64_t at;                      // offset of (ch, ih0 + dh, iw0 + dw); read only inside the image
+  int64_t step_w, wrap_w, wrap_h;  // at's steps: kStep columns; next kernel row; next channel
+  int ch, dh, dw, ih0, iw0, ks, cin, h, w;
+  bool ok;  // the row is an output pixel (not past M)
+
+  __device__ T get() const {
+    const int ih = ih0 + dh, iw = iw0 + dw;
+    const bool in = ok && ch < cin && ih >= 0 && ih < h && iw >= 0 && iw < w;
+    return in ? x[at] : T(0);
+  }
+
+  // dw < ks before the step, so each digit wraps at most kStep times (ks = 1 wraps twice).
+  __device__ void next() {
+    dw += kStep;
+    at += step_w;
+#pragma unroll
+    for (int j = 0; j < kStep; ++j)
+      if (dw >= ks) dw -= ks, ++dh, at += wrap_w;
+#pragma unroll
+    for (int j = 0; j < kStep; ++j)
+      if (dh >= ks) dh -= ks, ++ch, at += wrap_h;
+  }
+};
+
+// The walker of this thread over source `src` (0: x, 1: X~), at its first column.
+template <typename T, typename A>
+__device__ Walker<T> walker_of(const Params<T, A>& p, int src, int64_t m) {
+  Walker<T> g;
+  const Strides4& s = src == 0 ? p.sx : p.sxr;
+  g.ok = m < p.M;
+  const Pixel px = pixel_of(p, g.ok ? m : 0);
+  g.x = src == 0 ? p.x : p.x_rec;
+  g.ks = p.ks;
+  g.cin = p.Cin;
+  g.h = p.H;
+  g.w = p.W;
+  g.ih0 = static_cast<int>(px.oh) * p.stride - p.padding;
+  g.iw0 = static_cast<int>(px.ow) * p.stride - p.padding;
+  const int k = threadIdx.x / BM;
+  g.ch = k / (p.ks * p.ks);
+  g.dh = k / p.ks - g.ch * p.ks;
+  g.dw = k % p.ks;
+  g.at = px.b * s.b + g.ch * s.c + (g.ih0 + g.dh) * s.h + (g.iw0 + g.dw) * s.w;
+  g.step_w = Walker<T>::kStep * s.w;
+  g.wrap_w = s.h - p.ks * s.w;
+  g.wrap_h = s.c - p.ks * s.h;
+  return g;
+}
+
+// A tile: As[m][k] = im2col(source)[m0 + m][k0 + k] for the walker's current k0; zero
+// outside the image and past the source's K columns. A warp reads 32 neighbouring pixels of
+// one column (coalesced in NCHW).
+template <int BK, int LDS, typename T>
+__device__ void load_a(Walker<T>& g, T* As) {
+  constexpr int kStep = Walker<T>::kStep;
+  static_assert(BK % kStep == 0, "every thread loads the same number of A elements");
+  T* row = As + (threadIdx.x % BM) * LDS + threadIdx.x / BM;
+#pragma unroll
+  for (int i = 0; i < BK / kStep; ++i) {
+    row[i * kStep] = g.get();
+    g.next();
   }
 }
 
-// B tile: Bs[r][k] = w[q·Cout + n0 + j][k0 + k] for r = q·BN + j: the G gate rows of the
-// block's channels, K contiguous (as in memory; WMMA reads it as the col-major K x G·BN B).
-template <int G, int BK, int LDS, typename T, typename A>
-__device__ void load_b(const Params<T, A>& p, T* Bs, int64_t n0, int64_t k0) {
-  const int k = threadIdx.x % BK;
-  const int64_t kg = k0 + k;
-  for (int r = threadIdx.x / BK; r < G * BN; r += kThreads / BK) {
+// B tile: Bs[r][k] = w[q·Cout + n0 + j][src·ldk + k0 + k] for r = q·BN + j: the G gate rows
+// of the block's channels, K contiguous (as in memory; WMMA reads it as the col-major
+// K x G·BN B). A thread moves kVec elements at once (16 bytes on the tensor-core path):
+// gemm_weight pads each source's columns to ldk, a multiple of kVec, so a chunk is all in or
+// all out; columns past ldk are zero.
+template <int G, int BK, int LDS, int kVec, typename T, typename A>
+__device__ void load_b(const Params<T, A>& p, T* Bs, int64_t n0, int src, int k0) {
+  struct alignas(sizeof(T) * kVec) Chunk {
+    T v[kVec];
+  };
+  constexpr int kChunks = BK / kVec, kStep = kThreads / kChunks;
+  static_assert(BK % kVec == 0 && (G * BN) % kStep == 0, "B chunks evenly over the threads");
+  const int k = threadIdx.x % kChunks * kVec;
+  const bool col_ok = k0 + k < p.ldk;
+  const T* w = p.w + src * p.ldk + k0 + k;
+#pragma unroll
+  for (int i = 0; i < G * BN / kStep; ++i) {
+    const int r = threadIdx.x / kChunks + i * kStep;
     const int64_t n = n0 + r % BN;
-    T v = T(0);
-    if (n < p.Cout && kg < p.Kw) v = p.w[((r / BN) * p.Cout + n) * p.Kw + kg];
-    Bs[r * LDS + k] = v;
+    Chunk v{};
+    if (col_ok && n < p.Cout)
+      v = *reinterpret_cast<const Chunk*>(w + ((r / BN) * p.Cout + n) * p.ldw);
+    *reinterpret_cast<Chunk*>(Bs + r * LDS + k) = v;
   }
 }
+
+template <typename T>
+constexpr bool kTensorCores = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+
+// Elements per load_b chunk: 16 bytes on the tensor-core path; 1 on the scalar path, whose
+// odd smem row length (LDS) leaves rows unaligned.
+template <typename T>
+constexpr int kChunk = kTensorCores<T> ? 16 / int(sizeof(T)) : 1;
 
 // fp16/bf16: tensor cores. Warp w computes pixel rows [16w, 16w + 16) x all G·BN columns.
 template <typename T>
@@ -163,7 +233,8 @@ struct TensorCoreTile {
   using A = float;
   using WT = typename WmmaType<T>::type;
   static constexpr int BK = 32, LDS = BK + 8;  // +8: keeps WMMA's 32-byte row alignment
-  static constexpr int LDC = BN + 4;           // fp32 accumulator rows in smem
+  static constexpr int kVec = kChunk<T>;
+  static constexpr int LDC = BN + 4;  // fp32 accumulator rows in smem
   static constexpr int kInBytes = (BM + G * BN) * LDS * int(sizeof(T));
   static constexpr int kOutBytes = G * BM * LDC * int(sizeof(float));
   static constexpr int kSmemBytes = kInBytes > kOutBytes ? kInBytes : kOutBytes;
@@ -233,12 +304,15 @@ template <typename T, int G>
 struct ScalarTile {
   using A = at::opmath_type<T>;
   static constexpr int BK = 16, LDS = BK + 1;  // +1: a warp's 32 pixel rows hit 32 banks
+  static constexpr int kVec = kChunk<T>;
   static constexpr int kSmemBytes = (BM + G * BN) * LDS * int(sizeof(T));
   static constexpr int kStep = kThreads / BM, kCols = BN / kStep;
   A acc[G][kCols];
 
   __device__ void zero() {
+#pragma unroll
     for (int q = 0; q < G; ++q)
+#pragma unroll
       for (int j = 0; j < kCols; ++j) acc[q][j] = A(0);
   }
 
@@ -256,6 +330,7 @@ struct ScalarTile {
   template <typename F>
   __device__ void for_each_point(unsigned char*, bool, F f) {
     const int m = threadIdx.x % BM, n = threadIdx.x / BM;
+#pragma unroll  // indexed by constants only, acc stays in registers
     for (int j = 0; j < kCols; ++j) {
       A z[G];
 #pragma unroll
@@ -313,22 +388,39 @@ __global__ void __launch_bounds__(kThreads) fused_cell_kernel(const Params<T, ty
   const int64_t m0 = blockIdx.x * int64_t(BM), n0 = blockIdx.y * int64_t(BN);
   Tile tile;
   tile.zero();
-  for (int64_t k0 = 0; k0 < p.Kw; k0 += Tile::BK) {
-    load_a<Tile::BK, Tile::LDS>(p, As, m0, k0);
-    load_b<G, Tile::BK, Tile::LDS>(p, Bs, n0, k0);
-    __syncthreads();
-    tile.step(As, Bs);
-    __syncthreads();
+  // v2: the K loop runs over x, then over X~ ([x, X~] is never concatenated).
+  for (int src = 0; src < (p.x_rec ? 2 : 1); ++src) {
+    Walker<T> g = walker_of(p, src, m0 + threadIdx.x % BM);
+    for (int k0 = 0; k0 < p.K; k0 += Tile::BK) {
+      load_a<Tile::BK, Tile::LDS>(g, As);
+      load_b<G, Tile::BK, Tile::LDS, Tile::kVec>(p, Bs, n0, src, k0);
+      __syncthreads();
+      tile.step(As, Bs);
+      __syncthreads();
+    }
   }
   tile.for_each_point(smem, p.channels_last, [&](int m, int n, const typename Tile::A* z) {
     if (m0 + m < p.M && n0 + n < p.Cout) cell_point<G>(p, m0 + m, n0 + n, z);
   });
 }
 
+// g's weight as the kernel reads it: (G·Cout, S·ldk) row-major for S sources (v2: x and X~),
+// each source's Cin·k·k columns zero-padded to ldk, a multiple of kChunk<T>, and the rows
+// 16-byte aligned. A view of the weight when it already is. The caller keeps it alive until
+// the launch.
 template <typename T>
-constexpr bool kTensorCores = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+Tensor gemm_weight(const GemmArgs& g) {
+  const int64_t sources = g.x_rec.defined() ? 2 : 1;
+  const Tensor w = g.weight.reshape({g.weight.size(0), sources, -1});
+  const int64_t k = w.size(2), ldk = (k + kChunk<T> - 1) / kChunk<T> * kChunk<T>;
+  if (ldk == k && w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0)
+    return w.view({w.size(0), -1});
+  Tensor padded = at::zeros({w.size(0), sources, ldk}, w.options());
+  padded.narrow(2, 0, k).copy_(w);
+  return padded.view({w.size(0), -1});
+}
 
-// The geometry and inputs of g; the caller fills in the outputs.
+// The geometry and inputs of g (w: gemm_weight of g.weight); the caller fills in the outputs.
 template <typename T, typename A>
 Params<T, A> gemm_params(const GemmArgs& g, const Tensor& w, const Tensor& y, bool channels_last) {
   TORCH_CHECK(!g.bias.defined() || g.bias.scalar_type() == g.x.scalar_type(),
@@ -345,16 +437,22 @@ Params<T, A> gemm_params(const GemmArgs& g, const Tensor& w, const Tensor& y, bo
   p.bias = ptr_or_null<T>(g.bias);
   p.y = y.data_ptr<T>();
   p.ss = strides_of(y);
-  p.Cin = g.x.size(1);
-  p.H = g.x.size(2);
-  p.W = g.x.size(3);
+  // The K loop and the gather index in 32 bits (below 2^31 for any weight that fits a GPU).
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(w.size(1) < kMax && g.x.size(2) < kMax && g.x.size(3) < kMax,
+              "ptl_fused: the fused kernel indexes the weight's rows and the input's height and ",
+              "width in 32 bits; got weight ", g.weight.sizes(), " and x ", g.x.sizes());
+  p.Cin = static_cast<int>(g.x.size(1));
+  p.H = static_cast<int>(g.x.size(2));
+  p.W = static_cast<int>(g.x.size(3));
   p.Cout = y.size(1);
   p.Ho = y.size(2);
   p.Wo = y.size(3);
   p.M = y.size(0) * p.Ho * p.Wo;
-  p.ks = static_cast<int>(w.size(2));
+  p.ks = static_cast<int>(g.weight.size(2));
   p.K = p.Cin * p.ks * p.ks;
-  p.Kw = w.size(1) * p.ks * p.ks;
+  p.ldw = static_cast<int>(w.size(1));
+  p.ldk = p.ldw / (g.x_rec.defined() ? 2 : 1);
   p.stride = static_cast<int>(g.stride);
   p.padding = static_cast<int>(g.padding);
   p.channels_last = channels_last;

@@ -48,9 +48,9 @@ void fwd(const at::Tensor& x, const OptTensor& x_rec, const at::Tensor& weight,
   a.c_new = c_new;
   a.h_new = value_or_undefined(h_new);
   a.channels_last = channels_last;
-  const at::Tensor w = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "emulated_fwd", [&] {
-    run<scalar_t, 4>(fwd_params<scalar_t, at::opmath_type<scalar_t>>(g, w, a));
+    run<scalar_t, 4>(
+        fwd_params<scalar_t, at::opmath_type<scalar_t>>(g, gemm_weight<scalar_t>(g), a));
   });
 }
 
@@ -62,9 +62,9 @@ void eval(const at::Tensor& x, const at::Tensor& weight3, const OptTensor& bias3
   a.gate_map = value_or_undefined(gate_map);
   a.y = y;
   a.channels_last = channels_last;
-  const at::Tensor w = weight3.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "emulated_eval", [&] {
-    run<scalar_t, 3>(eval_params<scalar_t, at::opmath_type<scalar_t>>(g, w, a));
+    run<scalar_t, 3>(
+        eval_params<scalar_t, at::opmath_type<scalar_t>>(g, gemm_weight<scalar_t>(g), a));
   });
 }
 
