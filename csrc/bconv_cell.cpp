@@ -13,6 +13,13 @@ at::ScalarType state_type(at::ScalarType compute) {
   return compute == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Every tensor argument on x's device: the fused kernel reads them through raw pointers, so
+// a CPU weight next to a CUDA x must fail here, not as an illegal address in the kernel.
+void check_device(const char* name, const Tensor& t, const Tensor& x, const char* x_name = "x") {
+  TORCH_CHECK(!t.defined() || t.device() == x.device(), "ptl_fused: ", name, " is on ", t.device(),
+              ", ", x_name, " on ", x.device());
+}
+
 // Raw op callers get short checks; ptl_fused.ops validates with full messages first.
 void check_cell_inputs(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                        const Tensor& c_prev, int64_t in_factor, int64_t stride, int64_t padding) {
@@ -29,8 +36,9 @@ void check_cell_inputs(const Tensor& x, const Tensor& weight, const OptTensor& b
   TORCH_CHECK(stride >= 1 && padding >= 0, "ptl_fused: need stride >= 1 and padding >= 0");
   TORCH_CHECK(c_prev.scalar_type() == state_type(x.scalar_type()), "ptl_fused: c_prev must be ",
               state_type(x.scalar_type()), ", got ", c_prev.scalar_type());
-  TORCH_CHECK(c_prev.device() == x.device(), "ptl_fused: c_prev is on ", c_prev.device(), ", x on ",
-              x.device());
+  check_device("weight", weight, x);
+  if (bias.has_value()) check_device("bias", *bias, x);
+  check_device("c_prev", c_prev, x);
 }
 
 // Allocates the outputs in layout `fmt` for gate tensor `z` (B, 4C, Ho, Wo); run_fwd then
@@ -139,6 +147,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
                   weight_rec.size(1) == x.size(1) && weight_rec.size(2) == k &&
                   weight_rec.size(3) == k,
               "ptl_fused: weight_rec must be (Cout, Cin, k, k), got ", weight_rec.sizes());
+  check_device("weight_rec", weight_rec, x);
+  if (bias_rec.has_value()) check_device("bias_rec", *bias_rec, x);
+  check_device("h_prev", h_prev, x);
   const auto fmt = x.suggest_memory_format();
   Tensor x_rec = at::convolution(h_prev.to(x.scalar_type()), weight_rec, bias_rec, {stride, stride},
                                  {padding, padding}, {1, 1}, true,
@@ -159,6 +170,8 @@ Tensor bconv_cell_eval(EvalEpilogue epilogue, FusedEval fused, const Tensor& x,
   TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() == weight3.scalar_type(),
               "ptl_fused: x and weight must share a floating dtype");
   TORCH_CHECK(stride >= 1 && padding >= 0, "ptl_fused: need stride >= 1 and padding >= 0");
+  check_device("weight", weight3, x);
+  if (bias3.has_value()) check_device("bias", *bias3, x);
   const auto fmt = x.suggest_memory_format();
   check_fused(fused != nullptr || !fused_gemm, x);
   // The fused kernel computes z in registers; the ATen path materialises it.
@@ -175,8 +188,7 @@ Tensor bconv_cell_eval(EvalEpilogue epilogue, FusedEval fused, const Tensor& x,
     TORCH_CHECK(gate_map->sizes() == map_shape,
                 "ptl_fused: gate_map must be (3*Cout, Ho, Wo) = ", map_shape, ", got ",
                 gate_map->sizes());
-    TORCH_CHECK(gate_map->device() == x.device(), "ptl_fused: gate_map is on ", gate_map->device(),
-                ", x on ", x.device());
+    check_device("gate_map", *gate_map, x);
     const Tensor m = gate_map->to(x.scalar_type());
     // The map follows z's layout without the batch: (3C, Ho, Wo), or (Ho, Wo, 3C) for NHWC.
     a.gate_map = a.channels_last ? m.permute({1, 2, 0}).contiguous() : m.contiguous();
@@ -205,6 +217,10 @@ std::tuple<Tensor, Tensor, Tensor> run_bwd_epilogue(BwdEpilogue epilogue, const 
   auto in = [&](const OptTensor& t, at::ScalarType dtype) {
     return t.has_value() && t->defined() ? t->to(dtype).contiguous(fmt) : Tensor();
   };
+  check_device("c_prev", c_prev, gates, "gates");
+  for (const auto& [name, t] :
+       {std::pair{"grad_y", &grad_y}, {"grad_c_new", &grad_c_new}, {"grad_h_new", &grad_h_new}})
+    if (t->has_value()) check_device(name, **t, gates, "gates");
   BwdEpilogueArgs a;
   a.channels_last = cl;
   a.gates = gates.contiguous(fmt);

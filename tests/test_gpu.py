@@ -1,5 +1,5 @@
 """GPU-only checks: CUDA-graph capture/replay of a training step with carried state, and of
-the eval shortcut.
+the eval shortcut; the raw ops refuse a CPU tensor beside a CUDA x.
 
 (The equivalence, gradcheck, compile and autocast suites run on the GPU through their
 cuda parametrisations; these are skipped, with the reason, where no GPU is present.)
@@ -112,3 +112,29 @@ def test_engine_trains_with_amp_on_the_gpu(tmp_path, amp):
     )
     final = run(cfg, verbose=False)["stages"][-1]["final"]
     assert final["test_accuracy"] > 50, final  # 10 digits: chance is 10%
+
+
+@pytest.mark.parametrize("fused_gemm", [False, True], ids=["cudnn", "igemm"])
+@pytest.mark.parametrize("name", ["weight", "bias", "c_prev", "weight_rec", "bias_rec", "h_prev"])
+def test_raw_ops_refuse_a_cpu_tensor_beside_a_cuda_x(name, fused_gemm):
+    # The fused kernel reads every argument through a raw pointer: a CPU one must be an error
+    # naming it, not an illegal address (ptl_fused.ops checks first; this is the raw op).
+    if fused_gemm and "cuda_igemm" not in available_backends():
+        pytest.skip("the extension was built without the CUDA kernels")
+    dev = {"device": "cuda"}
+    a = {
+        "x": torch.randn(2, 3, 7, 5, **dev),
+        "weight": torch.randn(16, 6, 3, 3, **dev),
+        "bias": torch.randn(16, **dev),
+        "weight_rec": torch.randn(4, 3, 3, 3, **dev),
+        "bias_rec": torch.randn(4, **dev),
+        "c_prev": torch.zeros(2, 4, 7, 5, **dev),
+        "h_prev": torch.zeros(2, 4, 7, 5, **dev),
+    }
+    a[name] = a[name].cpu()
+    alpha = torch.ones(1, **dev)
+    with pytest.raises(RuntimeError, match=f"{name} is on cpu, x on cuda"):
+        torch.ops.ptl_fused.bconv_cell_v2_fwd(
+            a["x"], a["weight"], a["bias"], a["weight_rec"], a["bias_rec"], a["c_prev"], a["h_prev"], alpha,
+            1, 1, fused_gemm,
+        )  # fmt: skip
