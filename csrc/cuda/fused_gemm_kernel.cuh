@@ -87,120 +87,135 @@ struct Params {
   bool channels_last;  // order of the epilogue's points: channels fastest, or pixels
 };
 
-struct Pixel {
-  int64_t b, oh, ow;
+// The A tile is gathered through a table of its BK im2col columns, shared by the block: a
+// column (input channel ch, kernel row dh, kernel column dw) is split once per tile by one
+// thread, not by each of the BM pixels that read it (the kernel size is only known at run
+// time, so splitting is a division).
+struct Column {
+  int64_t off;  // ch·s.c + dh·s.h + dw·s.w in the tile's source
+  int dh, dw;   // dh = kNoRow past the source's K columns: out of every image, read as 0
 };
+constexpr int kNoRow = -(1 << 29);
 
-template <typename P>
-__device__ Pixel pixel_of(const P& p, int64_t m) {
-  const int64_t hw = p.Ho * p.Wo;
-  return {m / hw, (m % hw) / p.Wo, m % p.Wo};
+// cols[k] for column k0 + k of source src (0: x, 1: v2's X~); threads [0, BK).
+template <int BK, typename T, typename A>
+__device__ void write_columns(const Params<T, A>& p, Column* cols, int src, int k0) {
+  const int k = threadIdx.x;
+  if (k >= BK) return;
+  const Strides4& s = src == 0 ? p.sx : p.sxr;
+  const int kc = k0 + k, taps = p.ks * p.ks;
+  const int ch = kc / taps, dh = (kc - ch * taps) / p.ks, dw = kc - ch * taps - dh * p.ks;
+  cols[k] = kc < p.K ? Column{ch * s.c + dh * s.h + dw * s.w, dh, dw} : Column{0, kNoRow, 0};
 }
 
-// A thread fills one row of every A tile (its output pixel m = tid % BM) at every
-// (kThreads / BM)-th column, and the tiles of one K source follow each other, so the thread
-// walks the im2col columns of its pixel in one sequence per source: column k is (input
-// channel ch, kernel row dh, kernel column dw), stepped by carrying digits and the element
-// offset `at` by adding strides; nothing is divided or multiplied per element (the kernel
-// size is only known at run time).
-template <typename T>
-struct Walker {
-  static constexpr int kStep = kThreads / BM;
-  const T* x;
-  int64_t at;                      // offset of (ch, ih0 + dh, iw0 + dw); read only inside the image
-  int64_t step_w, wrap_w, wrap_h;  // at's steps: kStep columns; next kernel row; next channel
-  int ch, dh, dw, ih0, iw0, ks, cin, h, w;
-  bool ok;  // the row is an output pixel (not past M)
-
-  __device__ T get() const {
-    const int ih = ih0 + dh, iw = iw0 + dw;
-    const bool in = ok && ch < cin && ih >= 0 && ih < h && iw >= 0 && iw < w;
-    return in ? x[at] : T(0);
-  }
-
-  // dw < ks before the step, so each digit wraps at most kStep times (ks = 1 wraps twice).
-  __device__ void next() {
-    dw += kStep;
-    at += step_w;
-#pragma unroll
-    for (int j = 0; j < kStep; ++j)
-      if (dw >= ks) dw -= ks, ++dh, at += wrap_w;
-#pragma unroll
-    for (int j = 0; j < kStep; ++j)
-      if (dh >= ks) dh -= ks, ++ch, at += wrap_h;
-  }
+// A thread's row of every A tile: its output pixel (m = tid % BM), fixed for the kernel.
+// A row past M gathers pixel 0 (valid addresses); the epilogue drops its results.
+struct GatherRow {
+  int64_t base[2];  // offset of (b, channel 0, ih0, iw0) in x and X~ (may lie outside)
+  int ih0, iw0;     // input row and column of the pixel's first tap
 };
 
-// The walker of this thread over source `src` (0: x, 1: X~), at its first column.
+// Where the epilogue writes a block pixel: offsets of (b, channel 0, oh, ow); a channel adds
+// n times the channel stride. Filled once per block pixel, so no point divides.
+struct PointRow {
+  int64_t s;    // y and every state tensor (strides ss)
+  int64_t g;    // training: the gates (strides sg)
+  int64_t map;  // eval v2: the gate map (strides smap, no batch)
+};
+
+// This thread's gather row; threads [0, BM) also fill their pixel's rows[tid] (m = m0 + tid).
 template <typename T, typename A>
-__device__ Walker<T> walker_of(const Params<T, A>& p, int src, int64_t m) {
-  Walker<T> g;
-  const Strides4& s = src == 0 ? p.sx : p.sxr;
-  g.ok = m < p.M;
-  const Pixel px = pixel_of(p, g.ok ? m : 0);
-  g.x = src == 0 ? p.x : p.x_rec;
-  g.ks = p.ks;
-  g.cin = p.Cin;
-  g.h = p.H;
-  g.w = p.W;
-  g.ih0 = static_cast<int>(px.oh) * p.stride - p.padding;
-  g.iw0 = static_cast<int>(px.ow) * p.stride - p.padding;
-  const int k = threadIdx.x / BM;
-  g.ch = k / (p.ks * p.ks);
-  g.dh = k / p.ks - g.ch * p.ks;
-  g.dw = k % p.ks;
-  g.at = px.b * s.b + g.ch * s.c + (g.ih0 + g.dh) * s.h + (g.iw0 + g.dw) * s.w;
-  g.step_w = Walker<T>::kStep * s.w;
-  g.wrap_w = s.h - p.ks * s.w;
-  g.wrap_h = s.c - p.ks * s.h;
+__device__ GatherRow gather_row(const Params<T, A>& p, int64_t m, PointRow* rows) {
+  GatherRow g;
+  const int64_t mm = m < p.M ? m : 0, hw = p.Ho * p.Wo;
+  const int64_t b = mm / hw, oh = (mm - b * hw) / p.Wo, ow = mm - b * hw - oh * p.Wo;
+  g.ih0 = static_cast<int>(oh) * p.stride - p.padding;
+  g.iw0 = static_cast<int>(ow) * p.stride - p.padding;
+  g.base[0] = b * p.sx.b + g.ih0 * p.sx.h + g.iw0 * p.sx.w;
+  g.base[1] = b * p.sxr.b + g.ih0 * p.sxr.h + g.iw0 * p.sxr.w;
+  if (threadIdx.x < BM)
+    rows[threadIdx.x] = {b * p.ss.b + oh * p.ss.h + ow * p.ss.w,
+                         b * p.sg.b + oh * p.sg.h + ow * p.sg.w, oh * p.smap.h + ow * p.smap.w};
   return g;
 }
 
-// A tile: As[m][k] = im2col(source)[m0 + m][k0 + k] for the walker's current k0; zero
-// outside the image and past the source's K columns. A warp reads 32 neighbouring pixels of
-// one column (coalesced in NCHW).
-template <int BK, int LDS, typename T>
-__device__ void load_a(Walker<T>& g, T* As) {
-  constexpr int kStep = Walker<T>::kStep;
-  static_assert(BK % kStep == 0, "every thread loads the same number of A elements");
-  T* row = As + (threadIdx.x % BM) * LDS + threadIdx.x / BM;
-#pragma unroll
-  for (int i = 0; i < BK / kStep; ++i) {
-    row[i * kStep] = g.get();
-    g.next();
-  }
-}
+// Zero of every element type, in global memory: the A gather's padding reads it.
+alignas(16) static __device__ unsigned char kZeros[16];
 
-// B tile: Bs[r][k] = w[q·Cout + n0 + j][src·ldk + k0 + k] for r = q·BN + j: the G gate rows
-// of the block's channels, K contiguous (as in memory; WMMA reads it as the col-major
-// K x G·BN B). A thread moves kVec elements at once (16 bytes on the tensor-core path):
-// gemm_weight pads each source's columns to ldk, a multiple of kVec, so a chunk is all in or
-// all out; columns past ldk are zero.
-template <int G, int BK, int LDS, int kVec, typename T, typename A>
-__device__ void load_b(const Params<T, A>& p, T* Bs, int64_t n0, int src, int k0) {
-  struct alignas(sizeof(T) * kVec) Chunk {
-    T v[kVec];
-  };
-  constexpr int kChunks = BK / kVec, kStep = kThreads / kChunks;
-  static_assert(BK % kVec == 0 && (G * BN) % kStep == 0, "B chunks evenly over the threads");
-  const int k = threadIdx.x % kChunks * kVec;
-  const bool col_ok = k0 + k < p.ldk;
-  const T* w = p.w + src * p.ldk + k0 + k;
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Chunk {
+  T v[N];
+};
+
+// One K tile's share of this thread, held in registers from the global loads to the smem
+// stores, so that tile t + 1's loads are in flight while tile t multiplies.
+//   A: As[m][k] = im2col(source)[m0 + m][k0 + k], zero outside the image and past the
+//      source's K columns. The thread keeps its pixel (m = tid % BM) and kA consecutive
+//      columns, so a warp reads 32 neighbouring pixels of one column at a time (coalesced in
+//      NCHW) and stores kVec-wide row pieces (16 bytes on the tensor-core path, whose 80-byte
+//      rows put 8 lanes' pieces on distinct banks).
+//   B: Bs[r][k] = w[q·Cout + n0 + j][src·ldk + k0 + k] for r = q·BN + j: the G gate rows of
+//      the block's channels, K contiguous (as in memory; WMMA reads it as the col-major
+//      K x G·BN B), kVec elements at once (16 bytes on the tensor-core path): gemm_weight
+//      pads each source's columns to ldk, a multiple of kVec, so a chunk is all in or all out;
+//      columns past ldk are zero.
+template <typename T, int G, int BK, int LDS, int kVec>
+struct Staged {
+  static constexpr int kStepA = kThreads / BM, kA = BK / kStepA;
+  static constexpr int kChunks = BK / kVec, kStepB = kThreads / kChunks, kB = G * BN / kStepB;
+  static_assert(BK % kStepA == 0 && kA % kVec == 0, "A evenly over the threads, in chunks");
+  static_assert(BK % kVec == 0 && (G * BN) % kStepB == 0, "B chunks evenly over the threads");
+  T a[kA];
+  Chunk<T, kVec> b[kB];
+
+  template <typename A>
+  __device__ void fetch(const Params<T, A>& p, const GatherRow& g, const Column* cols, int64_t n0,
+                        int src, int k0) {
+    const T* x = src == 0 ? p.x + g.base[0] : p.x_rec + g.base[1];
+    // Branch-free: a padded element is read from kZeros, so every lane loads and the kA loads
+    // issue back to back.
+    const T* zero = reinterpret_cast<const T*>(kZeros);
 #pragma unroll
-  for (int i = 0; i < G * BN / kStep; ++i) {
-    const int r = threadIdx.x / kChunks + i * kStep;
-    const int64_t n = n0 + r % BN;
-    Chunk v{};
-    if (col_ok && n < p.Cout)
-      v = *reinterpret_cast<const Chunk*>(w + ((r / BN) * p.Cout + n) * p.ldw);
-    *reinterpret_cast<Chunk*>(Bs + r * LDS + k) = v;
+    for (int i = 0; i < kA; ++i) {
+      const Column c = cols[threadIdx.x / BM * kA + i];
+      const bool in =
+          (unsigned(g.ih0 + c.dh) < unsigned(p.H)) & (unsigned(g.iw0 + c.dw) < unsigned(p.W));
+      a[i] = *(in ? x + c.off : zero);
+    }
+    const int k = threadIdx.x % kChunks * kVec;
+    const bool col_ok = k0 + k < p.ldk;
+    const T* w = p.w + src * p.ldk + k0 + k;
+#pragma unroll
+    for (int i = 0; i < kB; ++i) {
+      const int r = threadIdx.x / kChunks + i * kStepB;
+      const int64_t n = n0 + r % BN;
+      b[i] = col_ok && n < p.Cout
+                 ? *reinterpret_cast<const Chunk<T, kVec>*>(w + ((r / BN) * p.Cout + n) * p.ldw)
+                 : Chunk<T, kVec>{};
+    }
   }
-}
+
+  __device__ void store(T* As, T* Bs) const {
+    T* row = As + (threadIdx.x % BM) * LDS + threadIdx.x / BM * kA;
+#pragma unroll
+    for (int i = 0; i < kA; i += kVec) {
+      Chunk<T, kVec> c;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) c.v[j] = a[i + j];
+      *reinterpret_cast<Chunk<T, kVec>*>(row + i) = c;
+    }
+    const int k = threadIdx.x % kChunks * kVec;
+#pragma unroll
+    for (int i = 0; i < kB; ++i)
+      *reinterpret_cast<Chunk<T, kVec>*>(Bs + (threadIdx.x / kChunks + i * kStepB) * LDS + k) =
+          b[i];
+  }
+};
 
 template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
-// Elements per load_b chunk: 16 bytes on the tensor-core path; 1 on the scalar path, whose
+// Elements per B chunk (Staged): 16 bytes on the tensor-core path; 1 on the scalar path, whose
 // odd smem row length (LDS) leaves rows unaligned.
 template <typename T>
 constexpr int kChunk = kTensorCores<T> ? 16 / int(sizeof(T)) : 1;
@@ -234,9 +249,13 @@ struct TensorCoreTile {
   using WT = typename WmmaType<T>::type;
   static constexpr int BK = 32, LDS = BK + 8;  // +8: keeps WMMA's 32-byte row alignment
   static constexpr int kVec = kChunk<T>;
-  static constexpr int LDC = BN + 4;  // fp32 accumulator rows in smem
+  // The fp32 accumulators in smem, gate-major, laid out so that a warp's 32 lanes read 32
+  // consecutive floats (no bank conflicts): channels fastest for channels_last (rows of LDC),
+  // pixels fastest for NCHW (columns of LDM); +4 keeps WMMA's 16-byte ldm rule.
+  static constexpr int LDC = BN + 4, LDM = BM + 4;
+  static constexpr int kOutFloats = BM * LDC > BN* LDM ? BM* LDC : BN* LDM;
   static constexpr int kInBytes = (BM + G * BN) * LDS * int(sizeof(T));
-  static constexpr int kOutBytes = G * BM * LDC * int(sizeof(float));
+  static constexpr int kOutBytes = G * kOutFloats * int(sizeof(float));
   static constexpr int kSmemBytes = kInBytes > kOutBytes ? kInBytes : kOutBytes;
   static_assert(BM == 16 * (kThreads / 32) && BN % 16 == 0, "one 16-row strip per warp");
 
@@ -280,18 +299,26 @@ struct TensorCoreTile {
   template <typename F>
   __device__ void for_each_point(unsigned char* smem, bool channels_last, F f) {
 #ifdef PTL_FUSED_WMMA
+    using namespace nvcuda;
     float* Cs = reinterpret_cast<float*>(smem);
     const int warp = threadIdx.x / 32;
     for (int q = 0; q < G; ++q)
-      for (int j = 0; j < BN / 16; ++j)
-        nvcuda::wmma::store_matrix_sync(Cs + (q * BM + warp * 16) * LDC + j * 16, acc[q][j], LDC,
-                                        nvcuda::wmma::mem_row_major);
+      for (int j = 0; j < BN / 16; ++j) {
+        float* gate = Cs + q * kOutFloats;
+        if (channels_last)
+          wmma::store_matrix_sync(gate + warp * 16 * LDC + j * 16, acc[q][j], LDC,
+                                  wmma::mem_row_major);
+        else
+          wmma::store_matrix_sync(gate + j * 16 * LDM + warp * 16, acc[q][j], LDM,
+                                  wmma::mem_col_major);
+      }
     __syncthreads();
     for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
       const int m = channels_last ? e / BN : e % BM, n = channels_last ? e % BN : e / BM;
+      const int at = channels_last ? m * LDC + n : n * LDM + m;
       float z[G];
 #pragma unroll
-      for (int q = 0; q < G; ++q) z[q] = Cs[(q * BM + m) * LDC + n];
+      for (int q = 0; q < G; ++q) z[q] = Cs[q * kOutFloats + at];
       f(m, n, z);
     }
 #endif
@@ -341,20 +368,21 @@ struct ScalarTile {
 };
 
 // The cell at output pixel m, channel n, from the accumulated convolution z[G] (bias not yet
-// added): the same steps and roundings as the epilogue kernels after an ATen convolution.
+// added): the epilogue kernels' steps, with the pre-activation rounded to T once (acc + bias;
+// ATen's convolution may round before and after its bias add), so fp16/bf16 may differ from
+// the unfused path by an ulp of T there, within the tests' tolerance rule.
 template <int G, typename T, typename A>
-__device__ void cell_point(const Params<T, A>& p, int64_t m, int64_t n, const A* z) {
-  const Pixel px = pixel_of(p, m);
+__device__ void cell_point(const Params<T, A>& p, const PointRow& px, int64_t n, const A* z) {
   A pre[G];
 #pragma unroll
   for (int q = 0; q < G; ++q) {
     const A v = z[q] + (p.bias ? static_cast<A>(p.bias[q * p.Cout + n]) : A(0));
     pre[q] = static_cast<A>(static_cast<T>(v));  // the conv output is in T, as the reference's
   }
-  const int64_t s = px.b * p.ss.b + n * p.ss.c + px.oh * p.ss.h + px.ow * p.ss.w;
+  const int64_t s = px.s + n * p.ss.c;
   if constexpr (G == 3) {
     if (p.map) {  // v2's constant share, added in T like the reference adds it to the conv
-      const int64_t mo = n * p.smap.c + px.oh * p.smap.h + px.ow * p.smap.w;
+      const int64_t mo = px.map + n * p.smap.c;
 #pragma unroll
       for (int q = 0; q < G; ++q) {
         const T mv = p.map[mo + q * p.Cout * p.smap.c];
@@ -371,7 +399,7 @@ __device__ void cell_point(const Params<T, A>& p, int64_t m, int64_t n, const A*
       const A h0 = p.h_prev[s];
       p.h_new[s] = h0 + *p.alpha * (static_cast<A>(y) - h0);
     }
-    const int64_t g = px.b * p.sg.b + n * p.sg.c + px.oh * p.sg.h + px.ow * p.sg.w;
+    const int64_t g = px.g + n * p.sg.c;
     const int64_t gs = p.Cout * p.sg.c;
     p.gates[g] = static_cast<T>(c.i);
     p.gates[g + gs] = static_cast<T>(c.f);
@@ -388,19 +416,37 @@ __global__ void __launch_bounds__(kThreads) fused_cell_kernel(const Params<T, ty
   const int64_t m0 = blockIdx.x * int64_t(BM), n0 = blockIdx.y * int64_t(BN);
   Tile tile;
   tile.zero();
-  // v2: the K loop runs over x, then over X~ ([x, X~] is never concatenated).
-  for (int src = 0; src < (p.x_rec ? 2 : 1); ++src) {
-    Walker<T> g = walker_of(p, src, m0 + threadIdx.x % BM);
-    for (int k0 = 0; k0 < p.K; k0 += Tile::BK) {
-      load_a<Tile::BK, Tile::LDS>(g, As);
-      load_b<G, Tile::BK, Tile::LDS, Tile::kVec>(p, Bs, n0, src, k0);
-      __syncthreads();
-      tile.step(As, Bs);
-      __syncthreads();
-    }
+  // The K tiles of x, then (v2) of X~: [x, X~] is never concatenated. cols[t % 2] holds
+  // tile t's columns; tile t + 1 is fetched into registers after barrier A of step t and
+  // stored after barrier B, so its global loads overlap tile t's multiply.
+  __shared__ Column cols[2][Tile::BK];
+  __shared__ PointRow rows[BM];
+  using Stage = Staged<T, G, Tile::BK, Tile::LDS, Tile::kVec>;
+  const GatherRow g = gather_row(p, m0 + threadIdx.x % BM, rows);
+  const int per_src = (p.K + Tile::BK - 1) / Tile::BK, tiles = per_src * (p.x_rec ? 2 : 1);
+  auto columns = [&](int t) {  // tile t's columns into cols[t % 2]
+    const int src = t >= per_src;
+    write_columns<Tile::BK>(p, cols[t % 2], src, (t - src * per_src) * Tile::BK);
+  };
+  auto fetch = [&](Stage& st, int t) {
+    const int src = t >= per_src;
+    st.fetch(p, g, cols[t % 2], n0, src, (t - src * per_src) * Tile::BK);
+  };
+  Stage stage;
+  columns(0);
+  __syncthreads();
+  fetch(stage, 0);
+  if (tiles > 1) columns(1);
+  for (int t = 0; t < tiles; ++t) {
+    stage.store(As, Bs);
+    __syncthreads();  // A: the tile is in smem; cols[(t + 1) % 2] is written
+    if (t + 1 < tiles) fetch(stage, t + 1);
+    tile.step(As, Bs);
+    if (t + 2 < tiles) columns(t + 2);  // cols[t % 2] was last read by fetch(t), before A
+    __syncthreads();                    // B: the tile has been read
   }
   tile.for_each_point(smem, p.channels_last, [&](int m, int n, const typename Tile::A* z) {
-    if (m0 + m < p.M && n0 + n < p.Cout) cell_point<G>(p, m0 + m, n0 + n, z);
+    if (m0 + m < p.M && n0 + n < p.Cout) cell_point<G>(p, rows[m], n0 + n, z);
   });
 }
 
@@ -437,11 +483,12 @@ Params<T, A> gemm_params(const GemmArgs& g, const Tensor& w, const Tensor& y, bo
   p.bias = ptr_or_null<T>(g.bias);
   p.y = y.data_ptr<T>();
   p.ss = strides_of(y);
-  // The K loop and the gather index in 32 bits (below 2^31 for any weight that fits a GPU).
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(w.size(1) < kMax && g.x.size(2) < kMax && g.x.size(3) < kMax,
-              "ptl_fused: the fused kernel indexes the weight's rows and the input's height and ",
-              "width in 32 bits; got weight ", g.weight.sizes(), " and x ", g.x.sizes());
+  // The K loop indexes in 32 bits, and an input row or column plus kNoRow must stay negative
+  // (write_columns); any weight that fits a GPU passes, an image would need 2^29 rows to fail.
+  TORCH_CHECK(w.size(1) < std::numeric_limits<int>::max() && g.x.size(2) + g.padding < -kNoRow &&
+                  g.x.size(3) + g.padding < -kNoRow,
+              "ptl_fused: the fused kernel needs weight rows below 2^31 elements and an input ",
+              "below 2^29 rows and columns; got weight ", g.weight.sizes(), " and x ", g.x.sizes());
   p.Cin = static_cast<int>(g.x.size(1));
   p.H = static_cast<int>(g.x.size(2));
   p.W = static_cast<int>(g.x.size(3));
