@@ -31,6 +31,7 @@ SOURCES = [
     ROOT / "tests/emulation/cuda_emulation.h",
     ROOT / "csrc/cuda/fused_gemm_kernel.cuh",
     ROOT / "csrc/cuda/epilogue_kernels.cuh",
+    ROOT / "csrc/cuda/vec.cuh",
     ROOT / "csrc/cell_math.h",
     ROOT / "csrc/bconv_cell.h",
 ]

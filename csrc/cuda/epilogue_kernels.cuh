@@ -16,6 +16,7 @@
 
 #include "../bconv_cell.h"
 #include "../cell_math.h"
+#include "vec.cuh"
 
 namespace ptl_fused::epilogue {
 
@@ -47,21 +48,7 @@ T* ptr_or_null(const Tensor& t) {
 // Each thread handles V consecutive points of one row (NCHW: one (b, c) plane; NHWC: one
 // pixel), whose gate slices are then V consecutive elements too, so every load and store is
 // one V-wide access (16 bytes of fp32 state). V = 1 where a row length or a pointer does
-// not allow it (see vec_width).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Pack<T, V> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store(T* p, const Pack<T, V>& x) {
-  *reinterpret_cast<Pack<T, V>*>(p) = x;
-}
+// not allow it (see vec_width); vectors are Vec (vec.cuh).
 
 #define PTL_GRID_STRIDE_LOOP(q, count)                                          \
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < (count); \
@@ -77,12 +64,12 @@ __global__ void fwd_kernel(int64_t n, GateIndex gi, scalar_t* __restrict__ z,
   PTL_GRID_STRIDE_LOOP(q, n / V) {
     const int64_t p = q * V;
     scalar_t* zp = z + gi.base(p);
-    auto zi = load<V>(zp), zf = load<V>(zp + gs), zo = load<V>(zp + 2 * gs),
-         zg = load<V>(zp + 3 * gs);
-    const auto c0 = load<V>(cp + p);
-    Pack<acc_t, V> c1, h0, h1;
-    Pack<scalar_t, V> yv;
-    if (hp) h0 = load<V>(hp + p);
+    auto zi = load_vec<V>(zp), zf = load_vec<V>(zp + gs), zo = load_vec<V>(zp + 2 * gs),
+         zg = load_vec<V>(zp + 3 * gs);
+    const auto c0 = load_vec<V>(cp + p);
+    Vec<acc_t, V> c1, h0, h1;
+    Vec<scalar_t, V> yv;
+    if (hp) h0 = load_vec<V>(hp + p);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const auto c = cell_forward<acc_t>(zi.v[j], zf.v[j], zo.v[j], zg.v[j], c0.v[j]);
@@ -94,13 +81,13 @@ __global__ void fwd_kernel(int64_t n, GateIndex gi, scalar_t* __restrict__ z,
       yv.v[j] = static_cast<scalar_t>(c.y);
       if (hp) h1.v[j] = h0.v[j] + a * (static_cast<acc_t>(yv.v[j]) - h0.v[j]);
     }
-    store(zp, zi);
-    store(zp + gs, zf);
-    store(zp + 2 * gs, zo);
-    store(zp + 3 * gs, zg);
-    store(cn + p, c1);
-    store(y + p, yv);
-    if (hp) store(hn + p, h1);
+    store_vec(zp, zi);
+    store_vec(zp + gs, zf);
+    store_vec(zp + 2 * gs, zo);
+    store_vec(zp + 3 * gs, zg);
+    store_vec(cn + p, c1);
+    store_vec(y + p, yv);
+    if (hp) store_vec(hn + p, h1);
   }
 }
 
@@ -114,14 +101,14 @@ __global__ void bwd_kernel(int64_t n, GateIndex gi, const scalar_t* __restrict__
   const acc_t a = alpha ? *alpha : acc_t(0);
   PTL_GRID_STRIDE_LOOP(q, n / V) {
     const int64_t p = q * V, g0 = gi.base(p);
-    const auto i = load<V>(gates + g0), f = load<V>(gates + g0 + gs),
-               o = load<V>(gates + g0 + 2 * gs), g = load<V>(gates + g0 + 3 * gs);
-    const auto c0 = load<V>(cp + p);
-    Pack<scalar_t, V> dy_in, dzi, dzf, dzo, dzg;
-    Pack<acc_t, V> dc_in, dh, dcp, dhp;
-    if (gy) dy_in = load<V>(gy + p);
-    if (gc) dc_in = load<V>(gc + p);
-    if (gh) dh = load<V>(gh + p);
+    const auto i = load_vec<V>(gates + g0), f = load_vec<V>(gates + g0 + gs),
+               o = load_vec<V>(gates + g0 + 2 * gs), g = load_vec<V>(gates + g0 + 3 * gs);
+    const auto c0 = load_vec<V>(cp + p);
+    Vec<scalar_t, V> dy_in, dzi, dzf, dzo, dzg;
+    Vec<acc_t, V> dc_in, dh, dcp, dhp;
+    if (gy) dy_in = load_vec<V>(gy + p);
+    if (gc) dc_in = load_vec<V>(gc + p);
+    if (gh) dh = load_vec<V>(gh + p);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const acc_t dhj = gh ? dh.v[j] : acc_t(0);
@@ -135,12 +122,12 @@ __global__ void bwd_kernel(int64_t n, GateIndex gi, const scalar_t* __restrict__
       dcp.v[j] = d.dc_prev;
       dhp.v[j] = (acc_t(1) - a) * dhj;
     }
-    store(gz + g0, dzi);
-    store(gz + g0 + gs, dzf);
-    store(gz + g0 + 2 * gs, dzo);
-    store(gz + g0 + 3 * gs, dzg);
-    store(gcp + p, dcp);
-    if (ghp) store(ghp + p, dhp);
+    store_vec(gz + g0, dzi);
+    store_vec(gz + g0 + gs, dzf);
+    store_vec(gz + g0 + 2 * gs, dzo);
+    store_vec(gz + g0 + 3 * gs, dzg);
+    store_vec(gcp + p, dcp);
+    if (ghp) store_vec(ghp + p, dhp);
   }
 }
 
@@ -150,13 +137,14 @@ __global__ void eval_kernel(int64_t n, GateIndex gi, const scalar_t* __restrict_
   const int64_t gs = gi.gate_stride(), sample = gi.sample();
   PTL_GRID_STRIDE_LOOP(q, n / V) {
     const int64_t p = q * V, g0 = gi.base(p);
-    const auto zi = load<V>(z + g0), zo = load<V>(z + g0 + gs), zg = load<V>(z + g0 + 2 * gs);
-    Pack<scalar_t, V> mi, mo, mg, yv;
+    const auto zi = load_vec<V>(z + g0), zo = load_vec<V>(z + g0 + gs),
+               zg = load_vec<V>(z + g0 + 2 * gs);
+    Vec<scalar_t, V> mi, mo, mg, yv;
     if (map) {
       const scalar_t* mp = map + g0 % sample;
-      mi = load<V>(mp);
-      mo = load<V>(mp + gs);
-      mg = load<V>(mp + 2 * gs);
+      mi = load_vec<V>(mp);
+      mo = load_vec<V>(mp + gs);
+      mg = load_vec<V>(mp + 2 * gs);
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -167,7 +155,7 @@ __global__ void eval_kernel(int64_t n, GateIndex gi, const scalar_t* __restrict_
       yv.v[j] = static_cast<scalar_t>(
           cell_eval<acc_t>(pre(zi.v[j], mi.v[j]), pre(zo.v[j], mo.v[j]), pre(zg.v[j], mg.v[j])));
     }
-    store(y + p, yv);
+    store_vec(y + p, yv);
   }
 }
 

@@ -28,6 +28,7 @@
 
 #include "../bconv_cell.h"
 #include "../cell_math.h"
+#include "vec.cuh"
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -140,12 +141,7 @@ __device__ GatherRow gather_row(const Params<T, A>& p, int64_t m, PointRow* rows
 }
 
 // Zero of every element type, in global memory: the A gather's padding reads it.
-alignas(16) static __device__ unsigned char kZeros[16];
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Chunk {
-  T v[N];
-};
+alignas(16) static __device__ unsigned char kZeros[16] = {};
 
 // One K tile's share of this thread, held in registers from the global loads to the smem
 // stores, so that tile t + 1's loads are in flight while tile t multiplies.
@@ -165,8 +161,8 @@ struct Staged {
   static constexpr int kChunks = BK / kVec, kStepB = kThreads / kChunks, kB = G * BN / kStepB;
   static_assert(BK % kStepA == 0 && kA % kVec == 0, "A evenly over the threads, in chunks");
   static_assert(BK % kVec == 0 && (G * BN) % kStepB == 0, "B chunks evenly over the threads");
-  T a[kA];
-  Chunk<T, kVec> b[kB];
+  Vec<T, kVec> a[kA / kVec];
+  Vec<T, kVec> b[kB];
 
   template <typename A>
   __device__ void fetch(const Params<T, A>& p, const GatherRow& g, const Column* cols, int64_t n0,
@@ -180,7 +176,7 @@ struct Staged {
       const Column c = cols[threadIdx.x / BM * kA + i];
       const bool in =
           (unsigned(g.ih0 + c.dh) < unsigned(p.H)) & (unsigned(g.iw0 + c.dw) < unsigned(p.W));
-      a[i] = *(in ? x + c.off : zero);
+      a[i / kVec].v[i % kVec] = *(in ? x + c.off : zero);
     }
     const int k = threadIdx.x % kChunks * kVec;
     const bool col_ok = k0 + k < p.ldk;
@@ -189,26 +185,19 @@ struct Staged {
     for (int i = 0; i < kB; ++i) {
       const int r = threadIdx.x / kChunks + i * kStepB;
       const int64_t n = n0 + r % BN;
-      b[i] = col_ok && n < p.Cout
-                 ? *reinterpret_cast<const Chunk<T, kVec>*>(w + ((r / BN) * p.Cout + n) * p.ldw)
-                 : Chunk<T, kVec>{};
+      b[i] = col_ok && n < p.Cout ? load_vec<kVec>(w + ((r / BN) * p.Cout + n) * p.ldw)
+                                  : Vec<T, kVec>{};
     }
   }
 
   __device__ void store(T* As, T* Bs) const {
     T* row = As + (threadIdx.x % BM) * LDS + threadIdx.x / BM * kA;
 #pragma unroll
-    for (int i = 0; i < kA; i += kVec) {
-      Chunk<T, kVec> c;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) c.v[j] = a[i + j];
-      *reinterpret_cast<Chunk<T, kVec>*>(row + i) = c;
-    }
+    for (int i = 0; i < kA / kVec; ++i) store_vec(row + i * kVec, a[i]);
     const int k = threadIdx.x % kChunks * kVec;
 #pragma unroll
     for (int i = 0; i < kB; ++i)
-      *reinterpret_cast<Chunk<T, kVec>*>(Bs + (threadIdx.x / kChunks + i * kStepB) * LDS + k) =
-          b[i];
+      store_vec(Bs + (threadIdx.x / kChunks + i * kStepB) * LDS + k, b[i]);
   }
 };
 

@@ -5,9 +5,10 @@
 //     after another);
 //   - WMMA is whole-tile: every lane holds the full 16x16 tile, lane 0 stores it, and the
 //     documented pointer-alignment and ldm rules are checked.
+//   - a vector access (csrc/cuda/vec.cuh) must be aligned to its size, as on a GPU.
 // What it shows: indexing, tiling, grid-stride loops, barrier placement, the shared-memory
-// reuse, the cell math. What it cannot: the hardware's fragment layout, timing, real
-// alignment faults.
+// reuse, the cell math, the alignment a GPU would fault on. What it cannot: the hardware's
+// fragment layout, timing, races the barriers happen to hide on the CPU.
 #pragma once
 
 #include <barrier>
@@ -43,6 +44,12 @@ inline void fail(const std::string &what) {
   if (error.empty()) error = what;
 }
 
+inline bool aligned(const void *p, std::size_t bytes) {
+  if (reinterpret_cast<std::uintptr_t>(p) % bytes == 0) return true;
+  fail("a " + std::to_string(bytes) + "-byte vector access is not aligned to its size");
+  return false;
+}
+
 // Runs kernel() on a grid of gx x gy blocks of `threads` threads; returns the
 // first error.
 template <typename F>
@@ -70,6 +77,10 @@ std::string launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
 }
 
 }  // namespace cuda_emulation
+
+// csrc/cuda/vec.cuh's hook: a misaligned vector access is reported by launch() and skipped
+// (on the CPU it could crash the test process).
+#define PTL_FUSED_ALIGNED(ptr, bytes) ::cuda_emulation::aligned(ptr, bytes)
 
 #define threadIdx ::cuda_emulation::thread_index
 #define blockIdx ::cuda_emulation::block_index
