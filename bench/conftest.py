@@ -33,10 +33,39 @@ GLIBC_PINNED = _pin_glibc_allocator()
 def pytest_addoption(parser):
     parser.addoption("--bench-set", default="table", choices=["table", "mgn", "all"], help="shape set")
     parser.addoption("--bench-dtype", default=None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    parser.addoption(
+        "--bench-compile-mode",
+        default=None,
+        help="torch.compile mode of the compiled python_ref rows (default: max-autotune-no-cudagraphs "
+        "on GPU, inductor's default on CPU; 'default' for inductor's default anywhere)",
+    )
+    parser.addoption(
+        "--bench-repeat",
+        type=int,
+        default=1,
+        help="time every row in N blocks, the implementations of a row alternating block by block "
+        "(the report keeps each one's fastest block and shows the spread of the per-block ratios)",
+    )
 
 
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_COMPILE_MODE: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    mode = config.getoption("--bench-compile-mode")
+    if mode is None:
+        mode = "max-autotune-no-cudagraphs" if bench_device().type == "cuda" else "default"
+    _COMPILE_MODE["mode"] = mode
+
+
+def compile_mode() -> str | None:
+    """The torch.compile mode of the compile rows (None: inductor's default)."""
+    mode = _COMPILE_MODE.get("mode", "default")
+    return None if mode == "default" else mode
 
 
 def device_name() -> str:
@@ -60,6 +89,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "triton": triton_version,
         "driver": _driver(),
         "glibc_allocator_pinned": GLIBC_PINNED,
+        "compile_mode": _COMPILE_MODE.get("mode"),
     }
 
 
@@ -92,6 +122,15 @@ def pytest_generate_tests(metafunc):
 
         shapes = SETS[metafunc.config.getoption("--bench-set")]
         metafunc.parametrize("shape", shapes, ids=[s.name for s in shapes])
+    blocks = metafunc.config.getoption("--bench-repeat")
+    if "repeat" in metafunc.fixturenames and blocks > 1:
+        metafunc.parametrize("repeat", range(blocks), ids=[f"r{i}" for i in range(blocks)])
+
+
+@pytest.fixture
+def repeat() -> int:
+    """Index of the timing block (0 unless --bench-repeat N > 1 parametrizes it)."""
+    return 0
 
 
 @pytest.fixture(scope="session")
@@ -103,11 +142,25 @@ def dtype(request):
 
 
 def pytest_collection_modifyitems(config, items):
-    # torch.compile'd CPU kernels leave their OpenMP workers spinning after each call, which
-    # measurably slows whatever runs next on a small machine (cifar v1 fwd: cpu backend 1.32x
-    # eager's time right after a compile row, 1.02x without). Time every compile row last.
-    def is_compile(item) -> bool:
-        callspec = getattr(item, "callspec", None)
-        return callspec is not None and callspec.params.get("impl") == "compile"
+    """Order: each row's implementations side by side, block after block, compile rows last.
 
-    items.sort(key=is_compile)
+    torch.compile'd CPU kernels leave their OpenMP workers spinning after each call, which
+    measurably slows whatever runs next on a small machine (cifar v1 fwd: cpu backend 1.32x
+    eager's time right after a compile row, 1.02x without), so compile rows run after all others.
+    With --bench-repeat N the blocks of a row alternate (eager, cpu, eager, cpu, ...): a drift of
+    the machine over minutes (another tenant's load, the allocator's state) then reaches every
+    implementation of a row alike instead of favouring whichever was timed in the quiet stretch.
+    """
+
+    def params(item) -> dict:
+        callspec = getattr(item, "callspec", None)
+        return callspec.params if callspec is not None else {}
+
+    rows: dict[tuple, int] = {}
+
+    def key(item):
+        p = params(item)
+        row = (item.originalname, *((k, str(v)) for k, v in p.items() if k not in ("impl", "repeat")))
+        return p.get("impl") == "compile", rows.setdefault(row, len(rows)), p.get("repeat", 0)
+
+    items.sort(key=key)  # stable: the implementations keep their order within a block

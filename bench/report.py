@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,13 +14,36 @@ def _peaks(device: str):
     return next((p for name, p in PEAKS.items() if name in device), None)
 
 
+def _merge(benchmarks: list[dict], impl_key: str) -> list[dict]:
+    """One entry per (group, implementation) over its timing blocks (--bench-repeat): the
+    fastest block's min, the median of the blocks' medians, and every block's min."""
+    merged: dict[tuple[str, str], dict] = {}
+    for b in benchmarks:
+        e = b.get("extra_info", {})
+        if impl_key not in e:
+            continue
+        m = merged.setdefault((b["group"], e[impl_key]), {"group": b["group"], "extra_info": e, "blocks": {}})
+        m["blocks"][e.get("repeat", 0)] = b["stats"]
+    for m in merged.values():
+        m["min"] = min(s["min"] for s in m["blocks"].values())
+        m["median"] = statistics.median(s["median"] for s in m["blocks"].values())
+    return list(merged.values())
+
+
+def _block_ratios(base: dict, row: dict) -> str:
+    """Range of base/row min-time ratios over the blocks timed side by side."""
+    ratios = [base["blocks"][r]["min"] / s["min"] for r, s in row["blocks"].items() if r in base["blocks"]]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
+
+
 def write_report(data: dict, json_path: str) -> None:
-    rows = [b for b in data["benchmarks"] if "impl" in b.get("extra_info", {})]
-    net_rows = [b for b in data["benchmarks"] if "net_impl" in b.get("extra_info", {})]
+    rows = _merge(data["benchmarks"], "impl")
+    net_rows = _merge(data["benchmarks"], "net_impl")
     if not rows and not net_rows:
         return
     info = data["machine_info"].get("ptl_fused", {})
     peaks = _peaks(info.get("device", ""))
+    blocked = any(len(b["blocks"]) > 1 for b in rows)
     by_group: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in rows:
         by_group[b["group"]][b["extra_info"]["impl"]] = b
@@ -27,6 +52,7 @@ def write_report(data: dict, json_path: str) -> None:
         "",
         f"torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, "
         f"triton {info.get('triton')}, driver {info.get('driver')}; {data.get('datetime', '')}"
+        + (f"; compile rows: torch.compile mode={info['compile_mode']}" if info.get("compile_mode") else "")
         + (
             "; glibc malloc thresholds pinned (bench/conftest.py)"
             if info.get("glibc_allocator_pinned")
@@ -37,18 +63,31 @@ def write_report(data: dict, json_path: str) -> None:
         "estimate least disturbed by other load. `x eager` / `x compile` = speed-up over eager / "
         "torch.compile'd python_ref (>1 is faster); GB/s from the forward's compulsory bytes (fwd "
         "rows); TFLOP/s from the gate (+recovery) conv FLOPs (x3 for fwd+bwd); saved = bytes "
-        "autograd keeps for backward (unique storages).",
+        "autograd keeps for backward (unique storages)."
+        + (
+            f" Each row was timed in {max(len(b['blocks']) for b in rows)} blocks, a row's "
+            "implementations alternating block by block (--bench-repeat): min = the fastest "
+            "block's, median = the median of the blocks' medians, `x eager per block` = the "
+            "range of the speed-ups over eager measured block by block."
+            if blocked
+            else ""
+        ),
         "",
-        "| shape | cell | pass | impl | dtype | min ms | median ms | x eager | x compile | GB/s | TFLOP/s "
+        "| shape | cell | pass | impl | dtype | min ms | median ms | x eager "
+        + ("| x eager per block " if blocked else "")
+        + "| x compile | GB/s | TFLOP/s "
         + ("| x roofline " if peaks else "")
         + "| saved MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peaks else "") + "---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if blocked else "")
+        + ("---|" if peaks else "")
+        + "---|",
     ]
     for impls in by_group.values():
-        eager = impls.get("eager", {}).get("stats", {}).get("min")
-        comp = impls.get("compile", {}).get("stats", {}).get("min")
+        eager = impls.get("eager", {}).get("min")
+        comp = impls.get("compile", {}).get("min")
         for impl, b in impls.items():
-            e, t = b["extra_info"], b["stats"]["min"]
+            e, t = b["extra_info"], b["min"]
             gbs = f"{e['bytes'] / t / 1e9:.1f}" if e["pass_"] in ("fwd", "eval") else ""
             cols = [
                 e["shape_desc"],
@@ -57,8 +96,9 @@ def write_report(data: dict, json_path: str) -> None:
                 impl,
                 e["dtype"],
                 f"{t * 1e3:.3f}",
-                f"{b['stats']['median'] * 1e3:.3f}",
+                f"{b['median'] * 1e3:.3f}",
                 f"{eager / t:.2f}" if eager else "",
+                *([_block_ratios(impls["eager"], b) if eager else ""] if blocked else []),
                 f"{comp / t:.2f}" if comp else "",
                 gbs,
                 f"{e['flops'] / t / 1e12:.3f}",
@@ -81,7 +121,7 @@ def _eval_vs_training(rows: list[dict]) -> list[str]:
     """Eval (the zero-state shortcut) time over the same backend's training forward time, and
     v2 eval over v1 eval (targets of the inference issue: <= 0.8 on GEMM-bound shapes; <= 1.1)."""
     keys = ("shape", "version", "pass_", "impl")
-    t = {tuple(b["extra_info"][k] for k in keys): b["stats"]["min"] for b in rows}
+    t = {tuple(b["extra_info"][k] for k in keys): b["min"] for b in rows}
     out = []
     for (shape, version, pass_, impl), te in t.items():
         tf = t.get((shape, version, "fwd", impl))
@@ -108,8 +148,8 @@ def _fused_gemm(by_group: dict[str, dict[str, dict]]) -> list[str]:
     for group, impls in by_group.items():
         if "cuda_igemm" not in impls:
             continue
-        t = impls["cuda_igemm"]["stats"]["min"]
-        ratios = [f"{impls[o]['stats']['min'] / t:.2f}" if o in impls else "" for o in ("cuda", "triton")]
+        t = impls["cuda_igemm"]["min"]
+        ratios = [f"{impls[o]['min'] / t:.2f}" if o in impls else "" for o in ("cuda", "triton")]
         out.append(f"| {group} | {t * 1e3:.3f} | {' | '.join(ratios)} |")
     if not out:
         return []
@@ -125,12 +165,10 @@ def _fused_gemm(by_group: dict[str, dict[str, dict]]) -> list[str]:
 
 def _network(rows: list[dict]) -> list[str]:
     """PTLNet step time per cell backend over the plain backbone's, beside the cells' FLOP share."""
-    base = {
-        b["extra_info"]["pass_"]: b["stats"]["min"] for b in rows if b["extra_info"]["net_impl"] == "baseline"
-    }
+    base = {b["extra_info"]["pass_"]: b["min"] for b in rows if b["extra_info"]["net_impl"] == "baseline"}
     out = []
     for b in rows:
-        e, t = b["extra_info"], b["stats"]["min"]
+        e, t = b["extra_info"], b["min"]
         over = f"{100 * (t / base[e['pass_']] - 1):+.1f}%" if e["pass_"] in base else ""
         share = f"{100 * e['cell_flop_share']:.1f}%"
         out.append(f"| {b['group']} | {e['pass_']} | {e['net_impl']} | {e['batch']} | {e['dtype']} | "
@@ -165,9 +203,9 @@ def _plot(by_group: dict, path: Path, device: str) -> None:
     for i, impl in enumerate(impls):
         speedups = []
         for g in groups:
-            eager = by_group[g].get("eager", {}).get("stats", {}).get("min")
+            eager = by_group[g].get("eager", {}).get("min")
             b = by_group[g].get(impl)
-            speedups.append(eager / b["stats"]["min"] if (b and eager) else 0)
+            speedups.append(eager / b["min"] if (b and eager) else 0)
         ax.bar([j + i * width for j in range(len(groups))], speedups, width, label=impl)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(
@@ -181,9 +219,22 @@ def _plot(by_group: dict, path: Path, device: str) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # python bench/report.py RESULTS.json: (re)write its .md and .png
-    import json
+def merge(paths: list[str]) -> dict:
+    """One pytest-benchmark JSON from several runs of the suite (machine info of the first)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    return {**runs[0], "benchmarks": [b for r in runs for b in r["benchmarks"]]}
+
+
+if __name__ == "__main__":
+    # python bench/report.py RESULTS.json...: (re)write each one's .md and .png
+    # python bench/report.py --merge OUT.json A.json B.json...: merge runs into OUT.json (+ .md, .png)
     import sys
 
-    for path in sys.argv[1:]:
-        write_report(json.loads(Path(path).read_text()), path)
+    args = sys.argv[1:]
+    if args[:1] == ["--merge"]:
+        merged = merge(args[2:])
+        Path(args[1]).write_text(json.dumps(merged, indent=2))
+        write_report(merged, args[1])
+    else:
+        for path in args:
+            write_report(json.loads(Path(path).read_text()), path)

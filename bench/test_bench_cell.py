@@ -15,7 +15,7 @@ import python_ref
 from ptl_fused import available_backends, ops
 from ptl_fused.backends import BACKENDS
 
-from conftest import bench_device
+from conftest import bench_device, compile_mode
 
 DEVICE = bench_device()
 # Triton on the CPU is its interpreter (TRITON_INTERPRET=1, set by the tests): a test vehicle,
@@ -28,8 +28,6 @@ BACKEND_IMPLS = [
     and not (b == "triton" and DEVICE.type == "cpu")
 ]
 IMPLS = ["eager", "compile", *BACKEND_IMPLS]
-# The torch.compile baseline of the Triton/CUDA targets on GPU; inductor's default on CPU.
-COMPILE_MODE = "max-autotune-no-cudagraphs" if DEVICE.type == "cuda" else None
 torch._dynamo.config.cache_size_limit = 64
 
 
@@ -62,7 +60,7 @@ def cell_fn(impl: str, v2: bool):
     if impl == "eager":
         return ref
     if impl == "compile":
-        return torch.compile(ref, mode=COMPILE_MODE)
+        return torch.compile(ref, mode=compile_mode())
     op = ops.bconv_cell_v2 if v2 else ops.bconv_cell
     return functools.partial(op, backend=impl)
 
@@ -89,7 +87,7 @@ def _sync():
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_cell(benchmark, shape, impl, v2, pass_, dtype):
+def test_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
     args, leaves = make_args(shape, v2, dtype)
     fn = cell_fn(impl, v2)
     y0 = fn(*args)[0]
@@ -117,6 +115,7 @@ def test_cell(benchmark, shape, impl, v2, pass_, dtype):
         shape_desc=shape.describe(),
         version=version,
         pass_=pass_,
+        repeat=repeat,
         dtype=str(dtype).removeprefix("torch."),
         device=DEVICE.type,
         flops=flops,
@@ -135,7 +134,7 @@ def eval_fn(impl: str, v2: bool):
     if impl == "eager":
         return ref
     if impl == "compile":
-        return torch.compile(ref, mode=COMPILE_MODE)
+        return torch.compile(ref, mode=compile_mode())
     return functools.partial(ops.bconv_cell_eval, backend=impl)
 
 
@@ -155,7 +154,7 @@ def eval_args(impl: str, args: list, v2: bool) -> list:
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_cell_eval(benchmark, shape, impl, v2, dtype):
+def test_cell_eval(benchmark, shape, impl, v2, dtype, repeat):
     args, _ = make_args(shape, v2, dtype)
     with torch.no_grad():
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
@@ -182,6 +181,7 @@ def test_cell_eval(benchmark, shape, impl, v2, dtype):
         shape_desc=shape.describe(),
         version=version,
         pass_="eval",
+        repeat=repeat,
         dtype=str(dtype).removeprefix("torch."),
         device=DEVICE.type,
         flops=shape.eval_flops(),

@@ -62,7 +62,7 @@ def _sync():
 
 @pytest.mark.parametrize("pass_", ["train", "infer"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_network_step(benchmark, impl, pass_):
+def test_network_step(benchmark, impl, pass_, repeat):
     net = with_backend(impl)
     x = torch.randn(BATCH, 3, *INPUT, device=DEVICE)
     labels = torch.randint(0, CLASSES, (BATCH,), device=DEVICE)
@@ -93,6 +93,7 @@ def test_network_step(benchmark, impl, pass_):
     benchmark.extra_info.update(
         net_impl=impl,
         pass_=pass_,
+        repeat=repeat,
         batch=BATCH,
         input=f"{INPUT[0]}x{INPUT[1]}",
         device=DEVICE.type,

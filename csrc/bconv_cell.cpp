@@ -77,9 +77,11 @@ void check_fused(bool available, const Tensor& x) {
 std::vector<int64_t> conv_out_shape(const Tensor& x, const Tensor& weight, int64_t stride,
                                     int64_t padding) {
   const auto k = weight.size(2);
+  // Checked before dividing: C++ division truncates toward zero, so (n + 2p - k) / s + 1 would
+  // be 1, not an error, for an input one pixel short of the kernel at stride 2.
+  TORCH_CHECK(x.size(2) + 2 * padding >= k && x.size(3) + 2 * padding >= k, "ptl_fused: x ",
+              x.sizes(), " is smaller than the kernel ", k, " with padding ", padding);
   auto out = [&](int64_t n) { return (n + 2 * padding - k) / stride + 1; };
-  TORCH_CHECK(out(x.size(2)) >= 1 && out(x.size(3)) >= 1, "ptl_fused: x ", x.sizes(),
-              " is smaller than the kernel ", k, " with padding ", padding);
   return {x.size(0), weight.size(0), out(x.size(2)), out(x.size(3))};
 }
 

@@ -10,12 +10,10 @@ import ptl_fused
 from cells import CASES, backend_params, call, cast_inputs, forward_backward, make_inputs, skip_unsupported
 from tolerances import assert_matches_oracle
 
-CPU_BACKENDS = backend_params(device_types=("cpu",))
-
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
-@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_gradcheck_float64(backend, device, case, v2):
     if backend == "triton" and device == "cpu":
         pytest.skip("gradcheck's thousands of calls are too slow in Triton's interpreter (run on the GPU)")
@@ -86,7 +84,7 @@ def test_opcheck_backward_ops(v2):
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_compile_fullgraph_forward_backward(backend, device, v2):
     torch._dynamo.reset()
     case = CASES[1]

@@ -185,6 +185,15 @@ def test_emulation_checks_wmma_alignment():
     assert emulated().misaligned_wmma_load() == "load_matrix_sync: pointer not 32-byte aligned"
 
 
+def test_emulation_checks_barriers_warps_and_unwritten_shared_memory():
+    # The other rules are live too (planted faults in tests/emulation/cuda_kernels_emulated.cpp):
+    # threads meeting different __syncthreads(), WMMA under a lane-divergent branch, and a read
+    # of shared memory that the block did not write (poisoned to NaN, not a previous block's).
+    assert "met at different __syncthreads()" in emulated().divergent_barrier()
+    assert emulated().divergent_wmma() == "lane 16 of warp 0 made 0 WMMA calls, lane 0 1"
+    assert math.isnan(emulated().unwritten_shared_read())
+
+
 # ---- The epilogue kernels of backend "cuda" (csrc/cuda/epilogue_kernels.cuh) ----------------
 # Shapes: (B, C, Ho, Wo) with a row length (Ho·Wo for NCHW, C for NHWC) that is a multiple of
 # 4 (the 16-byte path, V = 4 or 2) and one that is not (V = 1); `offset` starts every tensor one

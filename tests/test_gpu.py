@@ -138,3 +138,17 @@ def test_raw_ops_refuse_a_cpu_tensor_beside_a_cuda_x(name, fused_gemm):
             a["x"], a["weight"], a["bias"], a["weight_rec"], a["bias_rec"], a["c_prev"], a["h_prev"], alpha,
             1, 1, fused_gemm,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("h", [2, 1])
+def test_fused_raw_ops_refuse_an_input_smaller_than_the_kernel(h):
+    # The implicit-GEMM path sizes its outputs itself (no ATen convolution to object first):
+    # H = 2 with k = 3, p = 0, s = 2 truncates to Ho = 1 in C++ division unless checked.
+    if "cuda_igemm" not in available_backends():
+        pytest.skip("the extension was built without the CUDA kernels")
+    x = torch.randn(1, 3, h, 5, device="cuda")
+    w = torch.randn(16, 3, 3, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="smaller than the kernel 3 with padding 0"):
+        torch.ops.ptl_fused.bconv_cell_fwd(x, w, None, torch.zeros(1, 4, 1, 2, device="cuda"), 2, 0, True)
+    with pytest.raises(RuntimeError, match="smaller than the kernel 3 with padding 0"):
+        torch.ops.ptl_fused.bconv_cell_eval(x, w[:12], None, None, 2, 0, True)

@@ -139,7 +139,7 @@ __global__ void eval_kernel(int64_t n, GateIndex gi, const scalar_t* __restrict_
     const int64_t p = q * V, g0 = gi.base(p);
     const auto zi = load_vec<V>(z + g0), zo = load_vec<V>(z + g0 + gs),
                zg = load_vec<V>(z + g0 + 2 * gs);
-    Vec<scalar_t, V> mi, mo, mg, yv;
+    Vec<scalar_t, V> mi{}, mo{}, mg{}, yv;  // the map's stay zero (unread) without one
     if (map) {
       const scalar_t* mp = map + g0 % sample;
       mi = load_vec<V>(mp);

@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdint>
+#include <limits>
+
 #include "fused_gemm.h"
 #include "fused_gemm_kernel.cuh"
 
@@ -22,8 +25,12 @@ void check_tensor_cores(const Tensor& x) {
 
 template <typename T, int G, typename A>
 void launch(const Params<T, A>& p) {
-  const dim3 grid((p.M + BM - 1) / BM, (p.Cout + BN - 1) / BN);
-  TORCH_CHECK(grid.y <= 65535, "ptl_fused: Cout = ", p.Cout, " is too large for the fused kernel");
+  const int64_t blocks_m = (p.M + BM - 1) / BM, blocks_n = (p.Cout + BN - 1) / BN;
+  TORCH_CHECK(blocks_m <= std::numeric_limits<int32_t>::max(), "ptl_fused: B*Ho*Wo = ", p.M,
+              " is too large for the fused kernel");
+  TORCH_CHECK(blocks_n <= 65535, "ptl_fused: Cout = ", p.Cout,
+              " is too large for the fused kernel");
+  const dim3 grid(static_cast<unsigned>(blocks_m), static_cast<unsigned>(blocks_n));
   auto stream = at::cuda::getCurrentCUDAStream();
   if constexpr (kTensorCores<T>) {
     fused_cell_kernel<T, G, TensorCoreTile<T, G>><<<grid, kThreads, 0, stream>>>(p);

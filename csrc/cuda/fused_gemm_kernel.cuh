@@ -30,6 +30,13 @@
 #include "../cell_math.h"
 #include "vec.cuh"
 
+// The CPU emulation defines this to fill the block's shared arrays with NaN/-1 bytes before
+// any thread writes them, so that a read of shared memory the block did not write fails its
+// tests; in the CUDA build it is nothing.
+#ifndef PTL_FUSED_SHARED_DECLARED
+#define PTL_FUSED_SHARED_DECLARED(...)
+#endif
+
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -410,6 +417,7 @@ __global__ void __launch_bounds__(kThreads) fused_cell_kernel(const Params<T, ty
   // stored after barrier B, so its global loads overlap tile t's multiply.
   __shared__ Column cols[2][Tile::BK];
   __shared__ PointRow rows[BM];
+  PTL_FUSED_SHARED_DECLARED(smem, cols, rows);
   using Stage = Staged<T, G, Tile::BK, Tile::LDS, Tile::kVec>;
   const GatherRow g = gather_row(p, m0 + threadIdx.x % BM, rows);
   const int per_src = (p.K + Tile::BK - 1) / Tile::BK, tiles = per_src * (p.x_rec ? 2 : 1);

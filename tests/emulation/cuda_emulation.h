@@ -1,10 +1,14 @@
 // A CPU stand-in for the CUDA built-ins that csrc/cuda/*.cuh use, so the kernels' own source
 // runs (and is tested) on a machine without a GPU:
-//   - a block's threads are std::threads; __syncthreads() is a std::barrier;
+//   - a block's threads are std::threads; __syncthreads() is a std::barrier, and every thread
+//     of the block must meet it at the same call site;
 //   - __shared__ is a function-local static, shared by the block's threads (blocks run one
-//     after another);
-//   - WMMA is whole-tile: every lane holds the full 16x16 tile, lane 0 stores it, and the
-//     documented pointer-alignment and ldm rules are checked.
+//     after another); a kernel that names its shared arrays in PTL_FUSED_SHARED_DECLARED has
+//     them poisoned (0xFF bytes: NaN floats, -1 integers) at the start of every block, so a
+//     read of shared memory the block did not write is not a quiet zero or a stale value;
+//   - WMMA is whole-tile: every lane holds the full 16x16 tile, lane 0 stores it, the
+//     documented pointer-alignment and ldm rules are checked, and every lane of a warp must
+//     make the same number of WMMA calls (no call under a lane-divergent branch);
 //   - a vector access (csrc/cuda/vec.cuh) must be aligned to its size, as on a GPU.
 // What it shows: indexing, tiling, grid-stride loops, barrier placement, the shared-memory
 // reuse, the cell math, the alignment a GPU would fault on. What it cannot: the hardware's
@@ -14,6 +18,7 @@
 #include <barrier>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -34,9 +39,8 @@ struct Index {
   unsigned x = 0, y = 0, z = 0;
 };
 inline thread_local Index thread_index, block_index, block_dim, grid_dim;
-inline std::barrier<> *block_barrier = nullptr;
 
-// The first broken rule (WMMA alignment or ldm), reported by launch().
+// The first broken rule, reported by launch().
 inline std::mutex error_mutex;
 inline std::string error;
 inline void fail(const std::string &what) {
@@ -50,6 +54,35 @@ inline bool aligned(const void *p, std::size_t bytes) {
   return false;
 }
 
+// Runs when every thread of the block has arrived at a barrier: all must have come from the
+// same __syncthreads() (source line).
+struct SameSite {
+  const std::vector<int> *lines;
+  void operator()() noexcept {
+    for (const int line : *lines)
+      if (line != lines->front())
+        fail("threads of a block met at different __syncthreads() (lines " +
+             std::to_string(lines->front()) + " and " + std::to_string(line) + ")");
+  }
+};
+inline std::barrier<SameSite> *block_barrier = nullptr;
+inline std::vector<int> *barrier_lines = nullptr;
+
+inline void sync_threads(int line) {
+  (*barrier_lines)[thread_index.x] = line;
+  block_barrier->arrive_and_wait();
+}
+
+inline thread_local long wmma_calls = 0;
+
+// Thread 0 poisons the block's shared arrays while the others wait (all threads pass here
+// before any of them writes shared memory).
+template <typename... Arrays>
+void poison_shared(Arrays &...arrays) {
+  if (thread_index.x == 0) (std::memset(&arrays, 0xFF, sizeof(arrays)), ...);
+  sync_threads(-1);
+}
+
 // Runs kernel() on a grid of gx x gy blocks of `threads` threads; returns the
 // first error.
 template <typename F>
@@ -57,8 +90,11 @@ std::string launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
   error.clear();
   for (unsigned by = 0; by < gy; ++by) {
     for (unsigned bx = 0; bx < gx; ++bx) {
-      std::barrier<> barrier(threads);
+      std::vector<int> lines(threads);
+      std::vector<long> calls(threads);
+      std::barrier<SameSite> barrier(threads, SameSite{&lines});
       block_barrier = &barrier;
+      barrier_lines = &lines;
       std::vector<std::thread> pool;
       for (unsigned t = 0; t < threads; ++t) {
         pool.emplace_back([&, t] {
@@ -66,17 +102,27 @@ std::string launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
           block_index = {bx, by, 0};
           block_dim = {threads, 1, 1};
           grid_dim = {gx, gy, 1};
+          wmma_calls = 0;
           kernel();
+          calls[t] = wmma_calls;
         });
       }
       for (auto &th : pool) th.join();
+      for (unsigned t = 0; t < threads; ++t)
+        if (calls[t] != calls[t - t % 32])
+          fail("lane " + std::to_string(t % 32) + " of warp " + std::to_string(t / 32) + " made " +
+               std::to_string(calls[t]) + " WMMA calls, lane 0 " +
+               std::to_string(calls[t - t % 32]));
     }
   }
   block_barrier = nullptr;
+  barrier_lines = nullptr;
   return error;
 }
 
 }  // namespace cuda_emulation
+
+#define PTL_FUSED_SHARED_DECLARED(...) ::cuda_emulation::poison_shared(__VA_ARGS__)
 
 // csrc/cuda/vec.cuh's hook: a misaligned vector access is reported by launch() and skipped
 // (on the CPU it could crash the test process).
@@ -87,7 +133,7 @@ std::string launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
 #define blockDim ::cuda_emulation::block_dim
 #define gridDim ::cuda_emulation::grid_dim
 
-inline void __syncthreads() { cuda_emulation::block_barrier->arrive_and_wait(); }
+#define __syncthreads() ::cuda_emulation::sync_threads(__LINE__)
 [[noreturn]] inline void __trap() { std::abort(); }
 
 namespace nvcuda::wmma {
@@ -118,6 +164,7 @@ void check_pointer(const T *p, unsigned ldm, const char *what) {
 
 template <typename Use, int M, int N, int K, typename T, typename L, typename V>
 void fill_fragment(fragment<Use, M, N, K, T, L> &f, V v) {
+  ++cuda_emulation::wmma_calls;
   for (auto &row : f.x)
     for (auto &e : row) e = static_cast<T>(v);
 }
@@ -125,6 +172,7 @@ void fill_fragment(fragment<Use, M, N, K, T, L> &f, V v) {
 template <typename Use, int M, int N, int K, typename T, typename L>
 void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const T *p, unsigned ldm) {
   static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>);
+  ++cuda_emulation::wmma_calls;
   check_pointer(p, ldm, "load_matrix_sync");
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c)
@@ -136,6 +184,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
               const fragment<matrix_a, 16, 16, 16, TA, LA> &a,
               const fragment<matrix_b, 16, 16, 16, TB, LB> &b,
               const fragment<accumulator, 16, 16, 16, float> &c) {
+  ++cuda_emulation::wmma_calls;
   fragment<accumulator, 16, 16, 16, float> out;
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
@@ -149,6 +198,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
 
 inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f,
                               unsigned ldm, layout_t layout) {
+  ++cuda_emulation::wmma_calls;
   check_pointer(p, ldm, "store_matrix_sync");
   if (threadIdx.x % 32 != 0) return;  // one lane writes the warp's tile
   for (int r = 0; r < 16; ++r)

@@ -132,9 +132,43 @@ std::string misaligned_wmma_load() {
   return cuda_emulation::launch(1, 1, 1, [&] { nvcuda::wmma::load_matrix_sync(f, tile + 4, 40); });
 }
 
+// Planted faults for the stand-in's other rules, each a kernel a GPU would get wrong.
+std::string divergent_barrier() {
+  return cuda_emulation::launch(1, 1, 64, [] {
+    if (threadIdx.x < 32) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  });
+}
+
+std::string divergent_wmma() {
+  return cuda_emulation::launch(1, 1, 64, [] {
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
+    if (threadIdx.x % 32 < 16) nvcuda::wmma::fill_fragment(acc, 0.0f);
+  });
+}
+
+// What a block reads from shared memory that no thread of it wrote: the previous block wrote
+// it, so a plain static would still hold 1.0f.
+double unwritten_shared_read() {
+  double seen = 0;
+  cuda_emulation::launch(2, 1, 1, [&] {
+    __shared__ float tile[4];
+    PTL_FUSED_SHARED_DECLARED(tile);
+    if (blockIdx.x == 0) tile[0] = 1.0f;
+    if (blockIdx.x == 1) seen = tile[0];
+  });
+  return seen;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("divergent_barrier", &divergent_barrier);
+  m.def("divergent_wmma", &divergent_wmma);
+  m.def("unwritten_shared_read", &unwritten_shared_read);
   m.def("fwd", &fwd);
   m.def("eval", &eval);
   m.def("misaligned_wmma_load", &misaligned_wmma_load);
