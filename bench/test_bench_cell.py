@@ -72,7 +72,9 @@ def saved_bytes(run) -> int:
     def pack(t):
         s = t.untyped_storage()
         storages[s.data_ptr()] = s.nbytes()
-        return t
+        # Not t itself: an output saved by its own grad_fn would then hold that grad_fn in a
+        # cycle through C++ that Python's gc cannot free (every eager row leaked its graph).
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
