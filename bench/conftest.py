@@ -16,8 +16,8 @@ def _pin_glibc_allocator() -> bool:
 
     By default glibc raises its mmap threshold as large buffers are freed, so the same 32 MB
     activation page-faults on every call early in a run and comes from the heap later: rows
-    timed late ran up to 25% faster than the same code timed early (scripts/ab_cpu.py shows
-    the interleaved truth). Pinned, every row sees the allocator a jemalloc/tcmalloc user has.
+    timed late ran up to 25% faster than the same code timed early (seen in interleaved A/B
+    runs). Pinned, every row sees the allocator a jemalloc/tcmalloc user has.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -16,6 +16,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 full=${FULL:-0}
 box() { if [[ $full == 1 ]]; then echo 0; else echo "$1"; fi; }  # timeout 0: none
+# SIGINT first: pytest then stops its xdist workers and still writes its summary and the
+# benchmark JSON of the rows done so far; KILL 15 s later if anything lingers.
+boxed() { timeout -s INT -k 15 "$@"; }
 t_build=$(box "${BUILD_S:-170}") t_tests=$(box "${TESTS_S:-180}")
 t_bench=$(box "${BENCH_S:-120}") t_compile=$(box "${COMPILE_S:-60}")
 start=$SECONDS
@@ -38,7 +41,8 @@ python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
   exit 1
 }
 
-MAX_JOBS=${MAX_JOBS:-16} timeout "$t_build" python3 -m pip install --no-build-isolation --no-deps -e . \
+export MAX_JOBS=${MAX_JOBS:-16}
+boxed "$t_build" python3 -m pip install --no-build-isolation --no-deps -e . \
   > "$out/build.log" 2>&1 || {
   tail -60 "$out/build.log"
   exit 1
@@ -46,12 +50,12 @@ MAX_JOBS=${MAX_JOBS:-16} timeout "$t_build" python3 -m pip install --no-build-is
 echo "build: done after $((SECONDS - start)) s"
 
 # The GPU tests (every cuda/triton/cuda_igemm parametrisation and tests/test_gpu.py; the rest
-# runs in CI), in parallel processes where pytest-xdist is installed.
-sel=(-m gpu)
-[[ $full == 1 ]] && sel=()
-par=()
+# runs in CI), in parallel processes where pytest-xdist is installed. FULL=1: every test, in
+# one process (the DDP tests start process groups of their own).
+sel=(-m gpu) par=()
 python3 -c "import xdist" 2>/dev/null && par=(-n 8)
-timeout "$t_tests" python3 -m pytest tests "${sel[@]}" "${par[@]}" -q -ra -p no:cacheprovider \
+[[ $full == 1 ]] && sel=() par=()
+boxed "$t_tests" python3 -m pytest tests "${sel[@]}" "${par[@]}" -q -ra -p no:cacheprovider \
   > "$out/tests.log" 2>&1
 echo "tests: exit $? after $((SECONDS - start)) s ($(tail -1 "$out/tests.log"))"
 
@@ -60,10 +64,10 @@ set_=table compile_mode=default rounds=(--benchmark-max-time=0.25 --benchmark-mi
 [[ $full == 1 ]] && set_=all compile_mode=max-autotune-no-cudagraphs rounds=()
 bench=(python3 -m pytest bench --bench-set "$set_" --bench-compile-mode "$compile_mode" "${rounds[@]}"
   -q -p no:cacheprovider)
-timeout "$t_bench" "${bench[@]}" -k "not compile" --benchmark-json=/tmp/ptl_bench_main.json \
+boxed "$t_bench" "${bench[@]}" -k "not compile" --benchmark-json=/tmp/ptl_bench_main.json \
   > "$out/bench.log" 2>&1
 echo "bench: exit $? after $((SECONDS - start)) s ($(tail -1 "$out/bench.log"))"
-timeout "$t_compile" "${bench[@]}" -k compile --benchmark-json=/tmp/ptl_bench_compile.json \
+boxed "$t_compile" "${bench[@]}" -k compile --benchmark-json=/tmp/ptl_bench_compile.json \
   >> "$out/bench.log" 2>&1
 echo "bench (compile rows): exit $? after $((SECONDS - start)) s ($(tail -1 "$out/bench.log"))"
 parts=()
