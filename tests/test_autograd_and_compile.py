@@ -23,7 +23,10 @@ def test_gradcheck_float64(backend, device, case, v2):
     def fn(*tensors):
         return call(backend, {**args, **dict(zip(names, tensors, strict=True))}, case, v2)
 
-    assert torch.autograd.gradcheck(fn, [args[n] for n in names], eps=1e-6, atol=1e-7)
+    # On a GPU, cuDNN's backward may accumulate with atomics (a different last bit per call):
+    # gradcheck's reentrancy check then needs a non-zero tolerance.
+    nondet_tol = 1e-12 if device == "cuda" else 0.0
+    assert torch.autograd.gradcheck(fn, [args[n] for n in names], eps=1e-6, atol=1e-7, nondet_tol=nondet_tol)
 
 
 def _op_samples(v2: bool, dtype=torch.float32, device="cpu", fused_gemm=None):

@@ -13,14 +13,12 @@ from ptl_fused import BConvCell, BConvCellV2, reset_states
 
 from cells import backend_params
 
-CPU_BACKENDS = backend_params(device_types=("cpu",))
 
-
-def _make(v2, backend, **kw):
+def _make(v2, backend, device="cpu", **kw):
     torch.manual_seed(0)
     kw.setdefault("padding", 1)
     cls = BConvCellV2 if v2 else BConvCell
-    return cls(3, 4, kernel_size=3, stride=2, bias=True, backend=backend, **kw).double()
+    return cls(3, 4, kernel_size=3, stride=2, bias=True, backend=backend, **kw).double().to(device)
 
 
 def _ref_step(cell, x, state, n):
@@ -46,17 +44,17 @@ def _states(s):
 
 @pytest.mark.parametrize("momentum", [None, 0.3], ids=["running_mean", "ema"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_three_training_batches_with_batch_changes(backend, device, v2, momentum):
     if momentum is not None and not v2:
         pytest.skip("hidden_momentum is a v2 option")
     kw = {"hidden_momentum": momentum} if v2 else {}
-    cell = _make(v2, backend, **kw)
+    cell = _make(v2, backend, device, **kw)
     ref = copy.deepcopy(cell)
     ref_state = None
     # Batch sizes 3 -> 2 (shrink: rows [:2]) -> 4 (grow: rows 2, 3 start fresh).
     for n, b in enumerate([3, 2, 4], start=1):
-        x = torch.randn(b, 3, 9, 7, dtype=torch.float64)
+        x = torch.randn(b, 3, 9, 7, dtype=torch.float64, device=device)
         y = cell(x)
         y_ref, ref_state = _ref_step(ref, x, ref_state, n)
         torch.testing.assert_close(y, y_ref)
@@ -71,11 +69,11 @@ def test_three_training_batches_with_batch_changes(backend, device, v2, momentum
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_eval_starts_fresh_and_carries_nothing(backend, device, v2):
-    cell = _make(v2, backend)
-    x = torch.randn(4, 3, 9, 7, dtype=torch.float64)
-    cell(torch.randn(4, 3, 9, 7, dtype=torch.float64))  # a training batch leaves a state
+    cell = _make(v2, backend, device)
+    x = torch.randn(4, 3, 9, 7, dtype=torch.float64, device=device)
+    cell(torch.randn(4, 3, 9, 7, dtype=torch.float64, device=device))  # a training batch leaves a state
     trained_state = [s.clone() for s in _states(cell.state)]
     cell.eval()
     y_all = cell(x)
@@ -85,7 +83,7 @@ def test_eval_starts_fresh_and_carries_nothing(backend, device, v2):
     torch.testing.assert_close(y_all, y_one)
     for s, t in zip(_states(cell.state), trained_state, strict=True):
         torch.testing.assert_close(s, t)  # eval did not touch the training state
-    fresh = _make(v2, backend).train()
+    fresh = _make(v2, backend, device).train()
     fresh.load_state_dict(cell.state_dict())
     torch.testing.assert_close(y_all, fresh(x))  # = a first training batch from zeros
 
