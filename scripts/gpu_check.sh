@@ -60,6 +60,7 @@ boxed "$t_tests" python3 -m pytest tests "${sel[@]}" "${par[@]}" -q -ra -p no:ca
 echo "tests: exit $? after $((SECONDS - start)) s ($(tail -1 "$out/tests.log"))"
 
 # The benchmark: the backends beside eager first, then the compile rows, merged.
+rm -f /tmp/ptl_bench_main.json /tmp/ptl_bench_compile.json  # a warm machine's last run
 set_=table compile_mode=default rounds=(--benchmark-max-time=0.25 --benchmark-min-rounds=10)
 [[ $full == 1 ]] && set_=all compile_mode=max-autotune-no-cudagraphs rounds=()
 bench=(python3 -m pytest bench --bench-set "$set_" --bench-compile-mode "$compile_mode" "${rounds[@]}"
