@@ -1,8 +1,9 @@
 """Without a GPU, the Triton kernels run in Triton's CPU interpreter, so that CI tests them.
 
 This must happen before triton is imported (ptl_fused imports it), hence here.
-Every test that runs on a CUDA device is marked `gpu`, so that a short GPU session can run
-just those: `pytest tests -m gpu` (scripts/gpu_check.sh).
+Every test that runs on a CUDA device is marked `gpu` (here for the device="cuda"
+parametrisations; tests/test_gpu.py marks itself), so that a short GPU session can run just
+those: `pytest tests -m gpu` (scripts/gpu_check.sh).
 """
 
 import os
@@ -21,6 +22,5 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         callspec = getattr(item, "callspec", None)
-        on_cuda = callspec is not None and callspec.params.get("device") == "cuda"
-        if on_cuda or item.module.__name__.endswith("test_gpu"):
+        if callspec is not None and callspec.params.get("device") == "cuda":
             item.add_marker(pytest.mark.gpu)

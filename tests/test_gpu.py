@@ -15,7 +15,10 @@ from torch import nn
 
 from ptl_fused import BConvCell, BConvCellV2, available_backends
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+]
 
 GPU_BACKENDS = [b for b in ("cuda", "cuda_igemm", "triton", "reference") if b in available_backends()]
 
