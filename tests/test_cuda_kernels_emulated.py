@@ -149,6 +149,49 @@ def test_emulated_forward_matches_reference(dtype, case, v2, channels_last):
         assert_matches_oracle(f"{case} {name}", g, e, o, dtype)
 
 
+def _nhwc_at(shape, dtype, offset: int = 0) -> torch.Tensor:
+    """A channels_last (B, C, H, W) tensor starting `offset` elements into its buffer."""
+    b, c, h, w = shape
+    buf = torch.zeros(b * c * h * w + offset, dtype=dtype)
+    return buf[offset:].view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cin", "offset", "channels_last", "expected"),
+    [
+        (torch.bfloat16, 40, 0, True, True),  # 16-byte channel chunks: one vector load each
+        (torch.float16, 24, 0, True, True),
+        (torch.bfloat16, 17, 0, True, False),  # a chunk would straddle two pixels
+        (torch.bfloat16, 40, 1, True, False),  # pixels not on 16-byte boundaries
+        (torch.bfloat16, 40, 0, False, False),  # NCHW: channel-major reads it coalesced
+        (torch.float64, 17, 1, True, True),  # scalar path (chunk = 1 element): any channels_last
+        (torch.float32, 3, 0, True, True),
+        (torch.float32, 3, 0, False, False),
+    ],
+)
+def test_emulated_kernel_gathers_channels_last_tap_major(dtype, cin, offset, channels_last, expected):
+    # The order the emulated tests above run is the one a GPU launch picks: the NHWC cases
+    # with Cin = 40 and 24 run the tap-major vector gather in fp16/bf16, Cin = 17 and 19 the
+    # channel-major fallback, and fp32/fp64 check the tap-major indexing on every NHWC case.
+    shape = (2, cin, 5, 6)
+    x = _nhwc_at(shape, dtype, offset) if channels_last else torch.zeros(shape, dtype=dtype)
+    assert emulated().tap_major(x, None) is expected
+    if expected:  # v2: both sources must qualify
+        assert emulated().tap_major(x, x.contiguous()) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_emulated_forward_channels_last_weight(dtype):
+    # A model moved to channels_last has channels_last weights; tap-major then reads the
+    # weight in place (a view, no copy) and must give exactly the contiguous weight's result.
+    case = WIDE_CASES[0]
+    a = _cast(make_inputs(case, False), dtype)
+    ref = _emulated_forward(a, case, False, True)
+    a["weight"] = a["weight"].contiguous(memory_format=torch.channels_last)
+    for r, got in zip(ref, _emulated_forward(a, case, False, True), strict=True):
+        assert torch.equal(r, got)
+
+
 def _zero_state(a: dict) -> dict:
     return {n: torch.zeros_like(t) if n in ("c_prev", "h_prev") else t for n, t in a.items()}
 

@@ -23,7 +23,7 @@ void check_tensor_cores(const Tensor& x) {
               ". Use backend 'cuda' (cuDNN + fused epilogue) instead.");
 }
 
-template <typename T, int G, typename A>
+template <typename T, int G, bool kTapMajor, typename A>
 void launch(const Params<T, A>& p) {
   const int64_t blocks_m = (p.M + BM - 1) / BM, blocks_n = (p.Cout + BN - 1) / BN;
   TORCH_CHECK(blocks_m <= std::numeric_limits<int32_t>::max(), "ptl_fused: B*Ho*Wo = ", p.M,
@@ -33,11 +33,21 @@ void launch(const Params<T, A>& p) {
   const dim3 grid(static_cast<unsigned>(blocks_m), static_cast<unsigned>(blocks_n));
   auto stream = at::cuda::getCurrentCUDAStream();
   if constexpr (kTensorCores<T>) {
-    fused_cell_kernel<T, G, TensorCoreTile<T, G>><<<grid, kThreads, 0, stream>>>(p);
+    fused_cell_kernel<T, G, TensorCoreTile<T, G>, kTapMajor><<<grid, kThreads, 0, stream>>>(p);
   } else {
-    fused_cell_kernel<T, G, ScalarTile<T, G>><<<grid, kThreads, 0, stream>>>(p);
+    fused_cell_kernel<T, G, ScalarTile<T, G>, kTapMajor><<<grid, kThreads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Builds the kernel's Params (make_params(gemm weight)) and launches the gather order that
+// suits g's layout.
+template <typename T, int G, typename MakeParams>
+void launch(const GemmArgs& g, MakeParams make_params) {
+  if (tap_major<T>(g))
+    launch<T, G, true>(make_params(gemm_weight<T>(g, true)));
+  else
+    launch<T, G, false>(make_params(gemm_weight<T>(g, false)));
 }
 
 }  // namespace
@@ -48,7 +58,7 @@ void fused_fwd_cuda(const GemmArgs& g, const FwdEpilogueArgs& a) {
       at::kBFloat16, at::kHalf, g.x.scalar_type(), "bconv_cell_fused_fwd_cuda", [&] {
         using A = at::opmath_type<scalar_t>;
         if constexpr (kTensorCores<scalar_t>) check_tensor_cores(g.x);
-        launch<scalar_t, 4>(fwd_params<scalar_t, A>(g, gemm_weight<scalar_t>(g), a));
+        launch<scalar_t, 4>(g, [&](const Tensor& w) { return fwd_params<scalar_t, A>(g, w, a); });
       });
 }
 
@@ -58,7 +68,7 @@ void fused_eval_cuda(const GemmArgs& g, const EvalEpilogueArgs& a) {
       at::kBFloat16, at::kHalf, g.x.scalar_type(), "bconv_cell_fused_eval_cuda", [&] {
         using A = at::opmath_type<scalar_t>;
         if constexpr (kTensorCores<scalar_t>) check_tensor_cores(g.x);
-        launch<scalar_t, 3>(eval_params<scalar_t, A>(g, gemm_weight<scalar_t>(g), a));
+        launch<scalar_t, 3>(g, [&](const Tensor& w) { return eval_params<scalar_t, A>(g, w, a); });
       });
 }
 

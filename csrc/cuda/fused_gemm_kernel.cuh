@@ -99,6 +99,14 @@ struct Params {
 // column (input channel ch, kernel row dh, kernel column dw) is split once per tile by one
 // thread, not by each of the BM pixels that read it (the kernel size is only known at run
 // time, so splitting is a division).
+//
+// Two orders of the K columns, chosen per launch (tap_major below); the weight is laid out to
+// match (gemm_weight):
+//   channel-major (ch, dh, dw), as the weight is stored: for NCHW, where a warp's 32 pixels
+//     of one column are 32 neighbouring elements;
+//   tap-major (dh, dw, ch): for channels_last, where kChunk<T> consecutive columns are
+//     consecutive channels of one tap, contiguous in memory, so each is one vector load
+//     (16 bytes on the tensor-core path) instead of kChunk<T> loads a row apart.
 struct Column {
   int64_t off;  // ch·s.c + dh·s.h + dw·s.w in the tile's source
   int dh, dw;   // dh = kNoRow past the source's K columns: out of every image, read as 0
@@ -106,13 +114,20 @@ struct Column {
 constexpr int kNoRow = -(1 << 29);
 
 // cols[k] for column k0 + k of source src (0: x, 1: v2's X~); threads [0, BK).
-template <int BK, typename T, typename A>
+template <int BK, bool kTapMajor, typename T, typename A>
 __device__ void write_columns(const Params<T, A>& p, Column* cols, int src, int k0) {
   const int k = threadIdx.x;
   if (k >= BK) return;
   const Strides4& s = src == 0 ? p.sx : p.sxr;
-  const int kc = k0 + k, taps = p.ks * p.ks;
-  const int ch = kc / taps, dh = (kc - ch * taps) / p.ks, dw = kc - ch * taps - dh * p.ks;
+  const int kc = k0 + k;
+  int ch, dh, dw;
+  if constexpr (kTapMajor) {
+    const int tap = kc / p.Cin;
+    ch = kc - tap * p.Cin, dh = tap / p.ks, dw = tap - dh * p.ks;
+  } else {
+    const int taps = p.ks * p.ks;
+    ch = kc / taps, dh = (kc - ch * taps) / p.ks, dw = kc - ch * taps - dh * p.ks;
+  }
   cols[k] = kc < p.K ? Column{ch * s.c + dh * s.h + dw * s.w, dh, dw} : Column{0, kNoRow, 0};
 }
 
@@ -155,14 +170,15 @@ alignas(16) static __device__ unsigned char kZeros[16] = {};
 //   A: As[m][k] = im2col(source)[m0 + m][k0 + k], zero outside the image and past the
 //      source's K columns. The thread keeps its pixel (m = tid % BM) and kA consecutive
 //      columns, so a warp reads 32 neighbouring pixels of one column at a time (coalesced in
-//      NCHW) and stores kVec-wide row pieces (16 bytes on the tensor-core path, whose 80-byte
-//      rows put 8 lanes' pieces on distinct banks).
+//      NCHW; tap-major: kVec channels of 32 pixels, one vector load each) and stores
+//      kVec-wide row pieces (16 bytes on the tensor-core path, whose 80-byte rows put 8
+//      lanes' pieces on distinct banks).
 //   B: Bs[r][k] = w[q·Cout + n0 + j][src·ldk + k0 + k] for r = q·BN + j: the G gate rows of
 //      the block's channels, K contiguous (as in memory; WMMA reads it as the col-major
 //      K x G·BN B), kVec elements at once (16 bytes on the tensor-core path): gemm_weight
 //      pads each source's columns to ldk, a multiple of kVec, so a chunk is all in or all out;
 //      columns past ldk are zero.
-template <typename T, int G, int BK, int LDS, int kVec>
+template <typename T, int G, int BK, int LDS, int kVec, bool kTapMajor>
 struct Staged {
   static constexpr int kStepA = kThreads / BM, kA = BK / kStepA;
   static constexpr int kChunks = BK / kVec, kStepB = kThreads / kChunks, kB = G * BN / kStepB;
@@ -178,12 +194,18 @@ struct Staged {
     // Branch-free: a padded element is read from kZeros, so every lane loads and the kA loads
     // issue back to back.
     const T* zero = reinterpret_cast<const T*>(kZeros);
+    // Tap-major, a chunk's kVec columns share one tap (tap_major: Cin % kVec == 0), so its
+    // first column decides for all of them; channel-major, every column is its own tap.
+    constexpr int kRun = kTapMajor ? kVec : 1;
 #pragma unroll
-    for (int i = 0; i < kA; ++i) {
+    for (int i = 0; i < kA; i += kRun) {
       const Column c = cols[threadIdx.x / BM * kA + i];
       const bool in =
           (unsigned(g.ih0 + c.dh) < unsigned(p.H)) & (unsigned(g.iw0 + c.dw) < unsigned(p.W));
-      a[i / kVec].v[i % kVec] = *(in ? x + c.off : zero);
+      if constexpr (kTapMajor)
+        a[i / kVec] = load_vec<kVec>(in ? x + c.off : zero);
+      else
+        a[i / kVec].v[i % kVec] = *(in ? x + c.off : zero);
     }
     const int k = threadIdx.x % kChunks * kVec;
     const bool col_ok = k0 + k < p.ldk;
@@ -404,7 +426,7 @@ __device__ void cell_point(const Params<T, A>& p, const PointRow& px, int64_t n,
   }
 }
 
-template <typename T, int G, typename Tile>
+template <typename T, int G, typename Tile, bool kTapMajor>
 __global__ void __launch_bounds__(kThreads) fused_cell_kernel(const Params<T, typename Tile::A> p) {
   __shared__ __align__(128) unsigned char smem[Tile::kSmemBytes];
   T* As = reinterpret_cast<T*>(smem);
@@ -418,12 +440,12 @@ __global__ void __launch_bounds__(kThreads) fused_cell_kernel(const Params<T, ty
   __shared__ Column cols[2][Tile::BK];
   __shared__ PointRow rows[BM];
   PTL_FUSED_SHARED_DECLARED(smem, cols, rows);
-  using Stage = Staged<T, G, Tile::BK, Tile::LDS, Tile::kVec>;
+  using Stage = Staged<T, G, Tile::BK, Tile::LDS, Tile::kVec, kTapMajor>;
   const GatherRow g = gather_row(p, m0 + threadIdx.x % BM, rows);
   const int per_src = (p.K + Tile::BK - 1) / Tile::BK, tiles = per_src * (p.x_rec ? 2 : 1);
   auto columns = [&](int t) {  // tile t's columns into cols[t % 2]
     const int src = t >= per_src;
-    write_columns<Tile::BK>(p, cols[t % 2], src, (t - src * per_src) * Tile::BK);
+    write_columns<Tile::BK, kTapMajor>(p, cols[t % 2], src, (t - src * per_src) * Tile::BK);
   };
   auto fetch = [&](Stage& st, int t) {
     const int src = t >= per_src;
@@ -447,14 +469,31 @@ __global__ void __launch_bounds__(kThreads) fused_cell_kernel(const Params<T, ty
   });
 }
 
-// g's weight as the kernel reads it: (G·Cout, S·ldk) row-major for S sources (v2: x and X~),
-// each source's Cin·k·k columns zero-padded to ldk, a multiple of kChunk<T>, and the rows
-// 16-byte aligned. A view of the weight when it already is. The caller keeps it alive until
-// the launch.
+// Whether the kernel gathers A tap-major (see Column): when x (and X~) hold channels
+// contiguously, a whole number of kChunk<T> per pixel, with every pixel's channels aligned to
+// a chunk's bytes. Otherwise channel-major, which reads any strides.
 template <typename T>
-Tensor gemm_weight(const GemmArgs& g) {
-  const int64_t sources = g.x_rec.defined() ? 2 : 1;
-  const Tensor w = g.weight.reshape({g.weight.size(0), sources, -1});
+bool tap_major(const GemmArgs& g) {
+  constexpr int v = kChunk<T>;
+  const auto ok = [](const Tensor& t) {
+    return t.stride(1) == 1 && t.size(1) % v == 0 && t.stride(0) % v == 0 && t.stride(2) % v == 0 &&
+           t.stride(3) % v == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % (v * sizeof(T)) == 0;
+  };
+  return ok(g.x) && (!g.x_rec.defined() || ok(g.x_rec));
+}
+
+// g's weight as the kernel reads it: (G·Cout, S·ldk) row-major for S sources (v2: x and X~),
+// each source's Cin·k·k columns in the gather's order (tap-major: (dh, dw, ch)), zero-padded
+// to ldk, a multiple of kChunk<T>, and the rows 16-byte aligned. A view of the weight when it
+// already is (tap-major: a channels_last v1 weight). The caller keeps it alive until the
+// launch.
+template <typename T>
+Tensor gemm_weight(const GemmArgs& g, bool tap_major) {
+  const int64_t sources = g.x_rec.defined() ? 2 : 1, rows = g.weight.size(0);
+  const Tensor w = tap_major ? g.weight.unflatten(1, {sources, -1})
+                                   .permute({0, 1, 3, 4, 2})
+                                   .reshape({rows, sources, -1})
+                             : g.weight.reshape({rows, sources, -1});
   const int64_t k = w.size(2), ldk = (k + kChunk<T> - 1) / kChunk<T> * kChunk<T>;
   if (ldk == k && w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0)
     return w.view({w.size(0), -1});

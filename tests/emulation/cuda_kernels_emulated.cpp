@@ -23,13 +23,21 @@ using OptTensor = std::optional<at::Tensor>;
 
 at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 
-template <typename T, int G, typename A>
-void run(const Params<T, A>& p) {
+// As fused_gemm.cu's launch: Params from make_params(gemm weight), the gather order of g.
+template <typename T, int G, typename MakeParams>
+void run(const GemmArgs& g, MakeParams make_params) {
   using Tile = std::conditional_t<kTensorCores<T>, TensorCoreTile<T, G>, ScalarTile<T, G>>;
+  const bool tm = tap_major<T>(g);
+  const Tensor w = gemm_weight<T>(g, tm);
+  const auto p = make_params(w);
   const auto gx = static_cast<unsigned>((p.M + BM - 1) / BM);
   const auto gy = static_cast<unsigned>((p.Cout + BN - 1) / BN);
-  const std::string err =
-      cuda_emulation::launch(gx, gy, kThreads, [&] { fused_cell_kernel<T, G, Tile>(p); });
+  const std::string err = cuda_emulation::launch(gx, gy, kThreads, [&] {
+    if (tm)
+      fused_cell_kernel<T, G, Tile, true>(p);
+    else
+      fused_cell_kernel<T, G, Tile, false>(p);
+  });
   TORCH_CHECK(err.empty(), "emulated fused kernel: ", err);
 }
 
@@ -49,8 +57,9 @@ void fwd(const at::Tensor& x, const OptTensor& x_rec, const at::Tensor& weight,
   a.h_new = value_or_undefined(h_new);
   a.channels_last = channels_last;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "emulated_fwd", [&] {
-    run<scalar_t, 4>(
-        fwd_params<scalar_t, at::opmath_type<scalar_t>>(g, gemm_weight<scalar_t>(g), a));
+    run<scalar_t, 4>(g, [&](const Tensor& w) {
+      return fwd_params<scalar_t, at::opmath_type<scalar_t>>(g, w, a);
+    });
   });
 }
 
@@ -63,9 +72,19 @@ void eval(const at::Tensor& x, const at::Tensor& weight3, const OptTensor& bias3
   a.y = y;
   a.channels_last = channels_last;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "emulated_eval", [&] {
-    run<scalar_t, 3>(
-        eval_params<scalar_t, at::opmath_type<scalar_t>>(g, gemm_weight<scalar_t>(g), a));
+    run<scalar_t, 3>(g, [&](const Tensor& w) {
+      return eval_params<scalar_t, at::opmath_type<scalar_t>>(g, w, a);
+    });
   });
+}
+
+// The A-gather order fused_gemm.cu launches for x (and v2's X~): true = tap-major.
+bool tap_major_of(const at::Tensor& x, const OptTensor& x_rec) {
+  const GemmArgs g{x, value_or_undefined(x_rec), at::Tensor(), at::Tensor(), 1, 0};
+  bool out = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "emulated_order",
+                                  [&] { out = tap_major<scalar_t>(g); });
+  return out;
 }
 
 // The epilogues' launcher: few, small blocks, so every grid-stride loop wraps around.
@@ -170,6 +189,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divergent_wmma", &divergent_wmma);
   m.def("unwritten_shared_read", &unwritten_shared_read);
   m.def("fwd", &fwd);
+  m.def("tap_major", &tap_major_of);
   m.def("eval", &eval);
   m.def("misaligned_wmma_load", &misaligned_wmma_load);
   m.def("epilogue_fwd", &epilogue_fwd);
