@@ -40,6 +40,13 @@ def pytest_addoption(parser):
         "on GPU, inductor's default on CPU; 'default' for inductor's default anywhere)",
     )
     parser.addoption(
+        "--bench-layout",
+        default="nchw",
+        choices=["nchw", "channels_last"],
+        help="memory format of every 4-D tensor: the cells' inputs, weights and states; the "
+        "network rows' model and images",
+    )
+    parser.addoption(
         "--bench-repeat",
         type=int,
         default=1,
@@ -53,6 +60,7 @@ def bench_device() -> torch.device:
 
 
 _COMPILE_MODE: dict[str, str | None] = {}
+_LAYOUT = {"name": "nchw"}
 
 
 def pytest_configure(config):
@@ -60,6 +68,12 @@ def pytest_configure(config):
     if mode is None:
         mode = "max-autotune-no-cudagraphs" if bench_device().type == "cuda" else "default"
     _COMPILE_MODE["mode"] = mode
+    _LAYOUT["name"] = config.getoption("--bench-layout")
+
+
+def memory_format() -> torch.memory_format:
+    """The memory format of the run's 4-D tensors (--bench-layout)."""
+    return torch.channels_last if _LAYOUT["name"] == "channels_last" else torch.contiguous_format
 
 
 def compile_mode() -> str | None:
@@ -90,6 +104,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "driver": _driver(),
         "glibc_allocator_pinned": GLIBC_PINNED,
         "compile_mode": _COMPILE_MODE.get("mode"),
+        "layout": _LAYOUT["name"],
     }
 
 

@@ -53,6 +53,7 @@ def write_report(data: dict, json_path: str) -> None:
         f"torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, "
         f"triton {info.get('triton')}, driver {info.get('driver')}; {data.get('datetime', '')}"
         + (f"; compile rows: torch.compile mode={info['compile_mode']}" if info.get("compile_mode") else "")
+        + f"; tensors {info.get('layout', 'nchw')}"
         + (
             "; glibc malloc thresholds pinned (bench/conftest.py)"
             if info.get("glibc_allocator_pinned")

@@ -15,7 +15,7 @@ import python_ref
 from ptl_fused import available_backends, ops
 from ptl_fused.backends import BACKENDS
 
-from conftest import bench_device, compile_mode
+from conftest import bench_device, compile_mode, memory_format
 
 DEVICE = bench_device()
 # Triton on the CPU is its interpreter (TRITON_INTERPRET=1, set by the tests): a test vehicle,
@@ -37,7 +37,7 @@ def make_args(shape, v2: bool, dtype: torch.dtype) -> tuple[list, list[torch.Ten
 
     def rnd(*size, scale=1.0, grad=False, dt=dtype):
         t = (torch.randn(*size, generator=g) * scale).to(DEVICE, dt)
-        return t.requires_grad_(grad)
+        return t.contiguous(memory_format=memory_format()).requires_grad_(grad)
 
     ho, wo = shape.out_hw
     state = (shape.batch, shape.cout, ho, wo)

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ptl_fused
 from ptl_fused.models import build_model
 
-from conftest import bench_device
+from conftest import bench_device, memory_format
 from test_bench_cell import BACKEND_IMPLS
 
 DEVICE = bench_device()
@@ -32,7 +32,8 @@ def model(ptl: bool) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random init: no pretrained file needed to time a step
         torch.manual_seed(0)
-        return build_model(ARCH, CLASSES, cell="v1" if ptl else None, input_size=INPUT).to(DEVICE)
+        net = build_model(ARCH, CLASSES, cell="v1" if ptl else None, input_size=INPUT)
+        return net.to(DEVICE, memory_format=memory_format())
 
 
 def with_backend(impl: str) -> torch.nn.Module:
@@ -64,7 +65,7 @@ def _sync():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_network_step(benchmark, impl, pass_, repeat):
     net = with_backend(impl)
-    x = torch.randn(BATCH, 3, *INPUT, device=DEVICE)
+    x = torch.randn(BATCH, 3, *INPUT, device=DEVICE).contiguous(memory_format=memory_format())
     labels = torch.randint(0, CLASSES, (BATCH,), device=DEVICE)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     amp = torch.autocast("cuda", torch.bfloat16, enabled=DEVICE.type == "cuda")

@@ -8,7 +8,7 @@
 # back even when a later stage runs out of time. The benchmark runs first without, then with
 # the torch.compile rows (compiling is the slow part), and the two JSONs are merged into one
 # table. FULL=1: every test and `--bench-set all` with max-autotune, no time boxes (a longer
-# session). Files written (at most 8 come back from a device call): env.txt build.log
+# session). LAYOUT=channels_last: the benchmark's tensors (and network) in channels_last. Files written (at most 8 come back from a device call): env.txt build.log
 # tests.log bench.log bench.json bench.md bench.png.
 set -uo pipefail
 out=${1:-${OUT:-gpu_results}}
@@ -64,7 +64,7 @@ rm -f /tmp/ptl_bench_main.json /tmp/ptl_bench_compile.json  # a warm machine's l
 set_=table compile_mode=default rounds=(--benchmark-max-time=0.25 --benchmark-min-rounds=10)
 [[ $full == 1 ]] && set_=all compile_mode=max-autotune-no-cudagraphs rounds=()
 bench=(python3 -m pytest bench --bench-set "$set_" --bench-compile-mode "$compile_mode" "${rounds[@]}"
-  -q -p no:cacheprovider)
+  --bench-layout "${LAYOUT:-nchw}" -q -p no:cacheprovider)
 boxed "$t_bench" "${bench[@]}" -k "not compile" --benchmark-json=/tmp/ptl_bench_main.json \
   > "$out/bench.log" 2>&1
 echo "bench: exit $? after $((SECONDS - start)) s ($(tail -1 "$out/bench.log"))"
