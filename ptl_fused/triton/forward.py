@@ -89,6 +89,8 @@ def _accumulate(
     """
     O_ROW: tl.constexpr = 1 if EVAL else 2
     G_ROW: tl.constexpr = 2 if EVAL else 3
+    # out_dtype: the accumulator's (fp64 for fp64); Triton <= 3.6 asserts it equals the default
+    # (fp32) otherwise, so an fp64 dot would not compile there.
     K = Cin * KS * KS
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -106,12 +108,12 @@ def _accumulate(
         w_i = tl.load(w_ptr + (0 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
         w_o = tl.load(w_ptr + (O_ROW * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
         w_g = tl.load(w_ptr + (G_ROW * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
+        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION, out_dtype=acc_i.dtype)
         if not EVAL:
             w_f = tl.load(w_ptr + (1 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-            acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
-        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
-        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
+            acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION, out_dtype=acc_f.dtype)
+        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION, out_dtype=acc_o.dtype)
+        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION, out_dtype=acc_g.dtype)
     return acc_i, acc_f, acc_o, acc_g
 
 

@@ -79,7 +79,7 @@ def recovery_kernel(
             mask=k_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)  # see forward.py
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
     o_off = b_idx[:, None] * so_b + offs_n[None, :] * so_c + ih[:, None] * so_h + iw[:, None] * so_w
