@@ -52,10 +52,12 @@ echo "build: done after $((SECONDS - start)) s"
 # The GPU tests (every cuda/triton/cuda_igemm parametrisation and tests/test_gpu.py; the rest
 # runs in CI), in parallel processes where pytest-xdist is installed. FULL=1: every test, in
 # one process (the DDP tests start process groups of their own).
-sel=(-m gpu) par=()
+# Boxed, Triton runs its first autotune config untuned (each odd test shape would compile and
+# time all seven; tests/test_triton_compile.py compiles every config in CI); FULL=1 tunes.
+sel=(-m gpu) par=() tune=0
 python3 -c "import xdist" 2>/dev/null && par=(-n 8)
-[[ $full == 1 ]] && sel=() par=()
-boxed "$t_tests" python3 -m pytest tests "${sel[@]}" "${par[@]}" -q -ra -p no:cacheprovider \
+[[ $full == 1 ]] && sel=() par=() tune=1
+PTL_FUSED_TRITON_AUTOTUNE=$tune boxed "$t_tests" python3 -m pytest tests "${sel[@]}" "${par[@]}" -q -ra -p no:cacheprovider \
   > "$out/tests.log" 2>&1
 echo "tests: exit $? after $((SECONDS - start)) s ($(tail -1 "$out/tests.log"))"
 

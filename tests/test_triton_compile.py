@@ -21,10 +21,16 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
 FORWARD_CALLS = ("v1 train", "v1 no-grad", "v2 train", "v2 no-grad", "eval v1", "eval v2")
 
 
+def _gpu_env(**extra: str) -> dict[str, str]:
+    """This process's environment as a GPU run has it: the kernels compiled, not interpreted."""
+    drop = ("TRITON_INTERPRET", "PTL_FUSED_TRITON_AUTOTUNE")
+    return {k: v for k, v in os.environ.items() if k not in drop} | extra
+
+
 @pytest.fixture(scope="module")
 def compiles(tmp_path_factory) -> list[dict]:
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _gpu_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compile, not reuse
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests/triton_aot.py")],
@@ -73,3 +79,15 @@ def test_tensor_cores_on_sm90(compiles):
         else:
             expected = "mma" if r["variant"].startswith("float64") else "wgmma"
             assert r["mma"] == expected, (r["kernel"], r["variant"], r["config"])
+
+
+@pytest.mark.parametrize(("setting", "expected"), [({}, 7), ({"PTL_FUSED_TRITON_AUTOTUNE": "0"}, 1)])
+def test_autotune_switch(setting, expected):
+    # GPU test runs (scripts/gpu_check.sh) take the first config untuned; the default tunes.
+    pytest.importorskip("triton")
+    code = "from ptl_fused.triton import forward; print(len(forward._configs()))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=_gpu_env(**setting), cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) == expected

@@ -28,7 +28,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _configs():
     if INTERPRET:  # the CPU interpreter: one small tile, no tuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [
+    # PTL_FUSED_TRITON_AUTOTUNE=0: the first config only, untuned. For test runs on a GPU, where
+    # every odd test shape would otherwise compile and time all of them (scripts/gpu_check.sh).
+    configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (64, 32, 32, 4, 3),
@@ -40,6 +42,7 @@ def _configs():
             (256, 32, 32, 8, 3),
         ]
     ]
+    return configs[:1] if os.environ.get("PTL_FUSED_TRITON_AUTOTUNE") == "0" else configs
 
 
 @triton.jit
