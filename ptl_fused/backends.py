@@ -80,7 +80,7 @@ def _triton_unavailable() -> str | None:
         return TRITON_ERROR
     if not TRITON_INTERPRET and not torch.cuda.is_available():
         return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for tests)"
-    return None
+    return _triton_ops.interpreter_problem()
 
 
 BACKENDS: dict[str, Backend] = {

@@ -113,6 +113,17 @@ def test_backend_on_wrong_device_or_unavailable():
             ops.bconv_cell(**_v1(), backend="cuda")
 
 
+def test_triton_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
+    # An old Triton's interpreter (3.6 with NumPy 2.4) fails every kernel; the backend then
+    # says why it is unavailable instead of failing each call.
+    triton_ops = pytest.importorskip("ptl_fused.triton.ops")
+    if not triton_ops.INTERPRET:
+        pytest.skip("Triton compiles for the GPU here; its interpreter is not used")
+    monkeypatch.setattr(triton_ops, "interpreter_problem", lambda: "Triton 0.0's CPU interpreter cannot")
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available: Triton 0.0's CPU interp"):
+        ops.bconv_cell(**_v1(), backend="triton")
+
+
 @pytest.mark.parametrize("op", ["bconv_cell_fwd", "bconv_cell_eval"])
 def test_fused_gemm_on_cpu_tensors_is_refused(op):
     # The implicit-GEMM kernel is CUDA-only; on the CPU the op says so instead of falling back.

@@ -10,6 +10,8 @@ concatenation is materialised). Fusing the recovery into the gate kernel would r
 each X~ tile k·k times per output tile; whether that wins is for a GPU benchmark to say.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,32 @@ from .forward import INTERPRET, bconv_cell_fwd_kernel
 from .recovery import recovery_kernel
 
 BWD_BLOCK = 256 if INTERPRET else 1024
+
+
+@triton.jit
+def _loop_probe(out_ptr, n):
+    total = 0
+    for _ in range(0, n, 1):
+        total += 1
+    tl.store(out_ptr, total)
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels here, or None (also on a GPU).
+
+    The kernels loop over runtime bounds; Triton 3.6's interpreter turns such a bound into an
+    int with int(array of shape (1,)), which NumPy 2.4 refuses. Triton 3.8 runs it.
+    """
+    if not INTERPRET:
+        return None
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](out, 3)
+    except Exception as err:  # the interpreter's own failure, whatever its type
+        why = f"cannot run a loop over a runtime bound here ({err})"
+        return f"Triton {triton.__version__}'s CPU interpreter {why}"
+    return None if out.item() == 3 else f"Triton {triton.__version__}'s CPU interpreter miscounts a loop"
 
 
 def _acc(dtype: torch.dtype):
