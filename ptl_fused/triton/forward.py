@@ -92,7 +92,7 @@ def _accumulate(
     """
     O_ROW: tl.constexpr = 1 if EVAL else 2
     G_ROW: tl.constexpr = 2 if EVAL else 3
-    # out_dtype: the accumulator's (fp64 for fp64); Triton <= 3.6 asserts it equals the default
+    # out_dtype: the accumulator's (fp64 for fp64); Triton 3.6 asserts that it equals the default
     # (fp32) otherwise, so an fp64 dot would not compile there.
     K = Cin * KS * KS
     for k0 in range(0, K, BLOCK_K):
