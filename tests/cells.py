@@ -54,6 +54,14 @@ WIDE_CASES = [
     Case(5, 19, 65, 6, 7, 1, 1, 0),
 ]
 
+# Whole channel groups, for the channels_last gathers: cuda_igemm's 16-byte channel vectors
+# (Cin % 8 == 0) and Triton's tap-major K order (Cin % 64 == 0: four of the interpreter's
+# BLOCK_K = 16 chunks per tap), with stride 2 and kernel 5.
+CHANNELS_LAST_CASES = [
+    Case(2, 16, 6, 7, 6, 3, 2, 1),
+    Case(1, 64, 5, 5, 4, 5, 1, 2),
+]
+
 # The state dtype of each compute dtype (DESIGN.md §1).
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 

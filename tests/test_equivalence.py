@@ -7,6 +7,7 @@ import torch
 
 from cells import (
     CASES,
+    CHANNELS_LAST_CASES,
     DTYPES,
     OUT_NAMES,
     WIDE_CASES,
@@ -98,6 +99,15 @@ def _non_contiguous(args):
 def test_layouts(backend, device, dtype, v2, layout):
     case = CASES[1]
     _check(backend, device, case, v2, dtype, make_inputs(case, v2), layout=layout)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", CHANNELS_LAST_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_channels_last_whole_channel_groups(backend, device, dtype, case, v2):
+    # The layout where the GPU kernels gather channel vectors (tap-major K order).
+    _check(backend, device, case, v2, dtype, make_inputs(case, v2), layout=_channels_last)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])

@@ -10,7 +10,16 @@ import ptl_fused
 import python_ref
 from ptl_fused import ops
 
-from cells import CASES, DTYPES, WIDE_CASES, backend_params, cast_inputs, make_inputs, skip_unsupported
+from cells import (
+    CASES,
+    CHANNELS_LAST_CASES,
+    DTYPES,
+    WIDE_CASES,
+    backend_params,
+    cast_inputs,
+    make_inputs,
+    skip_unsupported,
+)
 from tolerances import assert_matches_oracle
 
 
@@ -88,6 +97,13 @@ def test_eval_shortcut_channels_last(backend, device, v2, case=CASES[1]):
     got = _shortcut(args, case, v2, backend)
     eager = _zero_state_reference(cast_inputs(master, torch.float32, device, False), case, v2)
     assert_matches_oracle(f"{case} eval y (channels_last)", got, eager, oracle, torch.float32)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", CHANNELS_LAST_CASES, ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_eval_shortcut_channels_last_whole_channel_groups(backend, device, case, v2):
+    test_eval_shortcut_channels_last(backend, device, v2, case=case)
 
 
 def _cell(v2: bool, backend: str, **kw):

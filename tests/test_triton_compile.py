@@ -1,8 +1,9 @@
 """The Triton backend's kernels compile for the GPU (sm_90) with Triton's real compiler.
 
 The other tests run them in Triton's interpreter, which skips the compiler; tests/triton_aot.py
-compiles every launch the ops make, ahead of time, on this machine (no GPU needed). It found
-that Triton 3.6 (the GPU machine's) rejects an fp64 dot whose out_dtype is left at its fp32
+compiles every launch the ops make, ahead of time, on this machine (no GPU needed), and reads
+the PTX: tensor-core instructions, shared memory, how global memory is read. It found that
+Triton 3.6 (the GPU machine's) rejects an fp64 dot whose out_dtype is left at its fp32
 default; the interpreter and Triton 3.8 accept it.
 """
 
@@ -68,6 +69,21 @@ def test_bf16_compiles_under_every_autotune_config(compiles):
         for call in calls:
             rows = [r for r in compiles if r["kernel"] == kernel and r["variant"] == f"bfloat16 {call}"]
             assert rows and len({r["config"] for r in rows}) == rows[0]["configs"] > 1, (kernel, call)
+
+
+def test_channels_last_reads_a_by_16_byte_copies(compiles):
+    # Tap-major K (channels_last, Cin % 64 == 0): the A tile's channels are contiguous, so the
+    # compiler fetches them with 16-byte async copies into shared memory; channel-major (NCHW:
+    # the same kernel for 16 or 64 channels) gathers them with 2-byte loads into registers.
+    def row(variant, config=None):
+        rows = [r for r in compiles if r["kernel"] == "bconv_cell_fwd_kernel" and r["variant"] == variant]
+        return next(r for r in rows if config in (None, r["config"]))
+
+    for call in ("v1 train", "v1 no-grad", "v2 train", "eval v1"):
+        cl = row(f"bfloat16 channels_last {call}")  # the first config; the same one for NCHW
+        nchw, nhwc = row(f"bfloat16 {call}", cl["config"])["reads"], cl["reads"]
+        assert nchw.get("ld.global.b16", 0) > 0 and "ld.global.b16" not in nhwc, (call, nchw, nhwc)
+        assert nhwc["cp.async.16"] > nchw["cp.async.16"], (call, nchw, nhwc)
 
 
 def test_tensor_cores_on_sm90(compiles):

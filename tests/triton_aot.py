@@ -4,13 +4,14 @@ Without a GPU the tests run the kernels in Triton's interpreter, which never com
 construct the compiler rejects (a dot shape, a dtype, a constexpr misuse) would surface only
 on a GPU. This script records the launches the backend's ops make (their arguments, without
 running anything), then compiles each distinct one ahead of time for sm_90 (TTIR -> PTX ->
-cubin with the bundled ptxas): for bf16, the benchmark dtype, under every autotune config the
-GPU would try; for fp16/fp32/fp64 and kernel sizes 1 and 5 under the first one.
+cubin with the bundled ptxas), specialised as the launcher would (16-divisible pointers and
+ints marked): for bf16, the benchmark dtype, under every autotune config the GPU would try;
+for fp16/fp32/fp64, channels_last and kernel sizes 1 and 5 under the first one.
 
     python tests/triton_aot.py [--arch 90] [--jobs N]      (TRITON_INTERPRET must be unset)
 
-Prints one JSON line per compile ({"kernel", "variant", "config", "shared", "mma", "error"})
-and exits 1 if any failed. Run by tests/test_triton_compile.py.
+Prints one JSON line per compile ({"kernel", "variant", "config", "configs", "shared", "mma",
+"reads", "error", "seconds"}) and exits 1 if any failed. Run by tests/test_triton_compile.py.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 import traceback
+from collections import Counter
 
 import torch
 
@@ -54,7 +57,7 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
     for name in KERNELS:
         setattr(tops, name, Recorder(getattr(tops, name)))
 
-    def run(label, dtype, k=3, channels_last=False):
+    def run(label, dtype, k=3, channels_last=False, cin=16):
         g = torch.Generator().manual_seed(0)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -63,11 +66,11 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
 
         sdt = torch.float64 if dtype == torch.float64 else torch.float32
         pad = k // 2  # "same" output: every state is (2, 16, 9, 9)
-        x, w, b = t(2, 16, 9, 9), t(64, 16, k, k), torch.randn(64, generator=g).to(dtype)
-        w2, wr, br = t(64, 32, k, k), t(16, 16, k, k), torch.randn(16, generator=g).to(dtype)
+        x, w, b = t(2, cin, 9, 9), t(64, cin, k, k), torch.randn(64, generator=g).to(dtype)
+        w2, wr, br = t(64, 2 * cin, k, k), t(16, cin, k, k), torch.randn(16, generator=g).to(dtype)
         c, h = t(2, 16, 9, 9, dt=sdt), t(2, 16, 9, 9, dt=sdt)
         alpha = torch.tensor(0.5)
-        w3, gate_map = t(48, 16, k, k), torch.randn(48, 9, 9, generator=g).to(dtype)
+        w3, gate_map = t(48, cin, k, k), torch.randn(48, 9, 9, generator=g).to(dtype)
         calls = {
             "v1 train": lambda: tops.bconv_cell_fwd(x, w, b, c, 1, pad, True),
             "v1 no-grad": lambda: tops.bconv_cell_fwd(x, w, None, c, 1, pad, False),
@@ -76,10 +79,10 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
             "eval v1": lambda: tops.bconv_cell_eval_op(x, w3, b[:48], None, 1, pad),
             "eval v2": lambda: tops.bconv_cell_eval_op(x, w3, None, gate_map, 1, pad),
         }
-        gates = t(2, 64, 9, 9)
-        for name, grads in {"bwd v1": (x[:, :16], c, None), "bwd v1 dy": (x[:, :16], None, None)}.items():
+        gates, gy = t(2, 64, 9, 9), t(2, 16, 9, 9)  # gy: the gradient of y (dtype), dC/dH (fp32)
+        for name, grads in {"bwd v1": (gy, c, None), "bwd v1 dy": (gy, None, None)}.items():
             calls[name] = lambda grads=grads: tops.bconv_cell_bwd(*grads, c, gates, None)
-        for name, grads in {"bwd v2": (x[:, :16], c, h), "bwd v2 dc": (None, c, None)}.items():
+        for name, grads in {"bwd v2": (gy, c, h), "bwd v2 dc": (None, c, None)}.items():
             calls[name] = lambda grads=grads: tops.bconv_cell_bwd(*grads, c, gates, alpha)
         for name, call in calls.items():
             variant[0] = f"{label} {name}"
@@ -87,7 +90,9 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
 
     for dtype in POINTER:
         run(str(dtype).removeprefix("torch."), dtype)
-    run("bfloat16 k1 channels_last", torch.bfloat16, k=1, channels_last=True)
+    # 64 channels: the tap-major K order (ops._launch_fwd)
+    run("bfloat16 channels_last", torch.bfloat16, channels_last=True, cin=64)
+    run("bfloat16 k1 channels_last", torch.bfloat16, k=1, channels_last=True, cin=64)
     run("bfloat16 k5", torch.bfloat16, k=5)
     return launches
 
@@ -97,8 +102,9 @@ def jit_function(kernel) -> triton.JITFunction:
     return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
 
 
-def signature(kernel, args: tuple, kwargs: dict, config) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, options) of one launch, typed as Triton's launcher types it."""
+def signature(kernel, args: tuple, kwargs: dict, config) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) of one launch, typed and specialised as Triton's
+    launcher does it: a pointer or int divisible by 16 is marked so (tt.divisibility)."""
     fn = jit_function(kernel)
     values = dict(zip(fn.arg_names, args, strict=False)) | kwargs
     options = {}
@@ -106,32 +112,46 @@ def signature(kernel, args: tuple, kwargs: dict, config) -> tuple[dict, dict, di
         values |= config.kwargs
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     constexpr = {fn.arg_names[i] for i in fn.constexprs}
-    sig, consts = {}, {}
-    for name in fn.arg_names:
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
         v = values[name]
         if name in constexpr:
             sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = POINTER[v.dtype]
+            continue
+        if isinstance(v, torch.Tensor):
+            sig[name], divisible = POINTER[v.dtype], v.data_ptr() % 16 == 0
         else:
-            sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-    return sig, consts, options
+            sig[name], divisible = ("i32" if -(2**31) <= v < 2**31 else "i64"), v % 16 == 0
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs, options
 
 
 def distinct_compiles(launches) -> list[tuple]:
-    """(variant, kernel, config, signature, constexprs, options) per distinct compile."""
+    """(variant, kernel, config, signature, constexprs, attrs, options) per distinct compile."""
     seen, out = set(), []
     for variant, kernel, args, kwargs in launches:
         configs = getattr(kernel, "configs", [None])
         if not variant.startswith("bfloat16 v") and not variant.startswith("bfloat16 eval"):
             configs = configs[:1]
         for config in configs:
-            sig, consts, options = signature(kernel, args, kwargs, config)
-            key = (id(kernel), tuple(sig.items()), repr(sorted(consts.items())), repr(options))
+            sig, consts, attrs, options = signature(kernel, args, kwargs, config)
+            key = (id(kernel), repr(sig), repr(sorted(consts.items())), repr(attrs), repr(options))
             if key not in seen:
                 seen.add(key)
-                out.append((variant, kernel, config, sig, consts, options))
+                out.append((variant, kernel, config, sig, consts, attrs, options))
     return out
+
+
+LD_GLOBAL = re.compile(r"ld\.global\S*")
+CP_ASYNC = re.compile(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)")  # dst, src, bytes
+
+
+def global_reads(ptx: str) -> dict[str, int]:
+    """Global-memory read instructions in the PTX by kind: ld.global.<type> (to registers) and
+    cp.async.<bytes> (copies to shared memory: how a pipelined dot operand arrives)."""
+    kinds = LD_GLOBAL.findall(ptx) + [f"cp.async.{int(n, 0)}" for n in CP_ASYNC.findall(ptx)]
+    return dict(sorted(Counter(kinds).items()))
 
 
 COMPILES: list = []
@@ -139,15 +159,17 @@ ARCH = [90]
 
 
 def compile_one(i: int) -> dict:
-    variant, kernel, config, sig, consts, options = COMPILES[i]
+    variant, kernel, config, sig, consts, attrs, options = COMPILES[i]
     fn = jit_function(kernel)
     row = {"kernel": fn.__name__, "variant": variant, "config": str(config) if config else "default"}
     row["configs"] = len(getattr(kernel, "configs", [None]))  # how many the GPU autotunes over
     start = time.time()
     try:
-        k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", ARCH[0], 32), options=options)
+        src = ASTSource(fn, sig, consts, attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", ARCH[0], 32), options=options)
         ptx, row["shared"] = k.asm["ptx"], k.metadata.shared
         row["mma"] = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else None)
+        row["reads"] = global_reads(ptx)
         too_big = k.metadata.shared > MAX_SHARED
         row["error"] = f"needs {k.metadata.shared} B of shared memory" if too_big else None
     except Exception as e:  # the message shows the kernel line; the cause says what failed there

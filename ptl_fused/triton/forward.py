@@ -56,71 +56,87 @@ def _tanh(v):
 
 
 @triton.jit
-def _accumulate(
-    acc_i,
-    acc_f,
-    acc_o,
-    acc_g,
-    src_ptr,
-    w_ptr,
-    b_idx,
-    oh,
-    ow,
-    m_mask,
-    offs_n,
-    n_mask,
-    Cin,
-    H,
-    W,
-    Cout,
-    s_b,
-    s_c,
-    s_h,
-    s_w,
-    w_k_stride,
-    w_k_offset,
-    stride,
-    padding,
-    KS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    EVAL: tl.constexpr,
-):
-    """acc_gate += im2col(src)[pixels, :] @ W[gate row + n, w_k_offset + :]^T for each gate.
+def _gate_dots(
+    a, acc_i, acc_f, acc_o, acc_g, w_ptr, w_col, k_mask, offs_n, n_mask, Cout, w_k_stride,
+    DOT_PRECISION: tl.constexpr, EVAL: tl.constexpr,
+):  # fmt: skip
+    """acc_gate += a @ W[gate row + n, w_col]^T for each gate; w_col: (BLOCK_K,) weight columns.
 
     Gate rows: i, f, o, g at 0, 1, 2, 3 × Cout; in EVAL i, o, g at 0, 1, 2 × Cout (acc_f unused).
+    out_dtype: the accumulator's (fp64 for fp64); Triton 3.6 asserts that it equals the default
+    (fp32) otherwise, so an fp64 dot would not compile there.
     """
     O_ROW: tl.constexpr = 1 if EVAL else 2
     G_ROW: tl.constexpr = 2 if EVAL else 3
-    # out_dtype: the accumulator's (fp64 for fp64); Triton 3.6 asserts that it equals the default
-    # (fp32) otherwise, so an fp64 dot would not compile there.
-    K = Cin * KS * KS
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        cin = offs_k // (KS * KS)
-        kr = offs_k % (KS * KS)
-        ih = oh[:, None] * stride - padding + (kr // KS)[None, :]
-        iw = ow[:, None] * stride - padding + (kr % KS)[None, :]
-        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(
-            src_ptr + b_idx[:, None] * s_b + cin[None, :] * s_c + ih * s_h + iw * s_w, mask=a_mask, other=0.0
-        )
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        w_col = w_k_offset + offs_k[:, None]
-        w_i = tl.load(w_ptr + (0 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-        w_o = tl.load(w_ptr + (O_ROW * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-        w_g = tl.load(w_ptr + (G_ROW * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION, out_dtype=acc_i.dtype)
-        if not EVAL:
-            w_f = tl.load(w_ptr + (1 * Cout + offs_n[None, :]) * w_k_stride + w_col, mask=w_mask, other=0.0)
-            acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION, out_dtype=acc_f.dtype)
-        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION, out_dtype=acc_o.dtype)
-        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION, out_dtype=acc_g.dtype)
+    w_mask = k_mask[:, None] & n_mask[None, :]
+    w = w_ptr + offs_n[None, :] * w_k_stride + w_col[:, None]
+    w_i = tl.load(w + 0 * Cout * w_k_stride, mask=w_mask, other=0.0)
+    w_o = tl.load(w + O_ROW * Cout * w_k_stride, mask=w_mask, other=0.0)
+    w_g = tl.load(w + G_ROW * Cout * w_k_stride, mask=w_mask, other=0.0)
+    acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION, out_dtype=acc_i.dtype)
+    if not EVAL:
+        w_f = tl.load(w + 1 * Cout * w_k_stride, mask=w_mask, other=0.0)
+        acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION, out_dtype=acc_f.dtype)
+    acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION, out_dtype=acc_o.dtype)
+    acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION, out_dtype=acc_g.dtype)
     return acc_i, acc_f, acc_o, acc_g
 
 
-@triton.autotune(configs=_configs(), key=["Cin", "Cout", "Ho", "Wo", "KS", "V2", "SAVE_GATES", "EVAL"])
+@triton.jit
+def _accumulate(
+    acc_i, acc_f, acc_o, acc_g, src_ptr, w_ptr, b_idx, oh, ow, m_mask, offs_n, n_mask,
+    Cin, H, W, Cout, s_b, s_c, s_h, s_w, w_k_stride, w_k_offset, stride, padding,
+    KS: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVAL: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,
+):  # fmt: skip
+    """acc_gate += im2col(src)[pixels, :] @ W[gate row + n, w_k_offset + :]^T for each gate.
+
+    The K columns come in one of two orders, the weight laid out to match (ops._launch_fwd):
+    channel-major (ch, dh, dw), as the weight is stored, where BLOCK_K columns span channels
+    and taps together (few idle lanes for Cin = 3); TAP_MAJOR (dh, dw, ch), for channels_last
+    with Cin % 64 == 0, where a tap's BLOCK_K consecutive channels are contiguous (s_c = 1), so
+    the A loads can be vectorised.
+    """
+    K = Cin * KS * KS
+    if TAP_MAJOR:
+        # One flat loop (so it software-pipelines like the other): Cin % 64 == 0, so a chunk of
+        # BLOCK_K columns never straddles two taps.
+        for k0 in range(0, K, BLOCK_K):
+            tap = k0 // Cin
+            offs_c = (k0 - tap * Cin) + tl.arange(0, BLOCK_K)
+            ih = oh * stride - padding + tap // KS
+            iw = ow * stride - padding + tap % KS
+            pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = b_idx * s_b + ih * s_h + iw * s_w
+            a = tl.load(src_ptr + pix[:, None] + offs_c[None, :], mask=pix_ok[:, None], other=0.0)
+            acc_i, acc_f, acc_o, acc_g = _gate_dots(
+                a, acc_i, acc_f, acc_o, acc_g, w_ptr, w_k_offset + k0 + tl.arange(0, BLOCK_K), offs_c < Cin,
+                offs_n, n_mask, Cout, w_k_stride, DOT_PRECISION, EVAL,
+            )  # fmt: skip
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            cin = offs_k // (KS * KS)
+            kr = offs_k % (KS * KS)
+            ih = oh[:, None] * stride - padding + (kr // KS)[None, :]
+            iw = ow[:, None] * stride - padding + (kr % KS)[None, :]
+            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(
+                src_ptr + b_idx[:, None] * s_b + cin[None, :] * s_c + ih * s_h + iw * s_w,
+                mask=a_mask,
+                other=0.0,
+            )
+            acc_i, acc_f, acc_o, acc_g = _gate_dots(
+                a, acc_i, acc_f, acc_o, acc_g, w_ptr, w_k_offset + offs_k, k_mask,
+                offs_n, n_mask, Cout, w_k_stride, DOT_PRECISION, EVAL,
+            )  # fmt: skip
+    return acc_i, acc_f, acc_o, acc_g
+
+
+@triton.autotune(
+    configs=_configs(), key=["Cin", "Cout", "Ho", "Wo", "KS", "V2", "SAVE_GATES", "EVAL", "TAP_MAJOR"]
+)
 @triton.jit
 def bconv_cell_fwd_kernel(
     x_ptr,
@@ -162,6 +178,7 @@ def bconv_cell_fwd_kernel(
     SAVE_GATES: tl.constexpr,
     EVAL: tl.constexpr,
     HAS_MAP: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -190,12 +207,12 @@ def bconv_cell_fwd_kernel(
     acc_i, acc_f, acc_o, acc_g = _accumulate(
         acc_i, acc_f, acc_o, acc_g, x_ptr, w_ptr, b_idx, oh, ow, m_mask, offs_n, n_mask,
         Cin, H, W, Cout, sx_b, sx_c, sx_h, sx_w, w_k_stride, 0, stride, padding,
-        KS, BLOCK_K, DOT_PRECISION, EVAL)
+        KS, BLOCK_K, DOT_PRECISION, EVAL, TAP_MAJOR)
     if V2:  # second K source: the recovered X~, weights W[:, Cin:]
         acc_i, acc_f, acc_o, acc_g = _accumulate(
             acc_i, acc_f, acc_o, acc_g, xr_ptr, w_ptr, b_idx, oh, ow, m_mask, offs_n, n_mask,
             Cin, H, W, Cout, sx_b, sx_c, sx_h, sx_w, w_k_stride, K, stride, padding,
-            KS, BLOCK_K, DOT_PRECISION, False)
+            KS, BLOCK_K, DOT_PRECISION, False, TAP_MAJOR)
     # fmt: on
     O_ROW: tl.constexpr = 1 if EVAL else 2
     G_ROW: tl.constexpr = 2 if EVAL else 3

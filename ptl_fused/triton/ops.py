@@ -10,8 +10,6 @@ concatenation is materialised). Fusing the recovery into the gate kernel would r
 each X~ tile k·k times per output tile; whether that wins is for a GPU benchmark to say.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -36,15 +34,12 @@ def _loop_probe(out_ptr, n):
     tl.store(out_ptr, total)
 
 
-@functools.cache
-def interpreter_problem() -> str | None:
-    """Why Triton's CPU interpreter cannot run these kernels here, or None (also on a GPU).
+def _probe_interpreter() -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels here, or None.
 
     The kernels loop over runtime bounds; Triton 3.6's interpreter turns such a bound into an
     int with int(array of shape (1,)), which NumPy 2.4 refuses. Triton 3.8 runs it.
     """
-    if not INTERPRET:
-        return None
     out = torch.zeros(1, dtype=torch.int32)
     try:
         _loop_probe[(1,)](out, 3)
@@ -52,6 +47,16 @@ def interpreter_problem() -> str | None:
         why = f"cannot run a loop over a runtime bound here ({err})"
         return f"Triton {triton.__version__}'s CPU interpreter {why}"
     return None if out.item() == 3 else f"Triton {triton.__version__}'s CPU interpreter miscounts a loop"
+
+
+# Probed once at import, not on first use: backend resolution may run under torch.compile's
+# tracing, which cannot trace a kernel launch.
+_INTERPRETER_PROBLEM = _probe_interpreter() if INTERPRET else None
+
+
+def interpreter_problem() -> str | None:
+    """Why the interpreter cannot run the kernels (None where it can, and on a GPU)."""
+    return _INTERPRETER_PROBLEM
 
 
 def _acc(dtype: torch.dtype):
@@ -91,8 +96,13 @@ def _launch_fwd(
     """c_prev None: the eval kernel (weight = the i, o, g rows; optional (3·Cout, Ho, Wo) gate_map)."""
     b, cout, ho, wo = y.shape
     evaluate = c_prev is None
-    weight = weight.contiguous()
     v2 = x_rec is not None
+    # channels_last with whole 64-channel groups: K tap-major, the weight's columns to match
+    # (forward._accumulate); otherwise channel-major, as the weight is stored.
+    tap_major = x.stride(1) == 1 and x.shape[1] % 64 == 0
+    if tap_major:
+        weight = weight.unflatten(1, (2 if v2 else 1, -1)).permute(0, 1, 3, 4, 2)
+    weight = weight.contiguous()
     ss = y.stride()
     for t in (c_new, c_prev, h_prev, h_new):
         assert t is None or t.stride() == ss, "state-shaped tensors must share y's layout"
@@ -109,8 +119,8 @@ def _launch_fwd(
         gate_map if gate_map is not None else y,
         b, x.shape[1], x.shape[2], x.shape[3], cout, ho, wo, stride, padding,
         *x.stride(), *ss, *sg,
-        KS=weight.shape[-1], V2=v2, HAS_BIAS=bias is not None, SAVE_GATES=gates.numel() > 0,
-        EVAL=evaluate, HAS_MAP=gate_map is not None,
+        KS=weight.shape[-2], V2=v2, HAS_BIAS=bias is not None, SAVE_GATES=gates.numel() > 0,
+        EVAL=evaluate, HAS_MAP=gate_map is not None, TAP_MAJOR=tap_major,
         DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc(x.dtype),
     )  # fmt: skip
 
