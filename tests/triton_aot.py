@@ -4,9 +4,11 @@ Without a GPU the tests run the kernels in Triton's interpreter, which never com
 construct the compiler rejects (a dot shape, a dtype, a constexpr misuse) would surface only
 on a GPU. This script records the launches the backend's ops make (their arguments, without
 running anything), then compiles each distinct one ahead of time for sm_90 (TTIR -> PTX ->
-cubin with the bundled ptxas), specialised as the launcher would (16-divisible pointers and
-ints marked): for bf16, the benchmark dtype, under every autotune config the GPU would try;
-for fp16/fp32/fp64, channels_last and kernel sizes 1 and 5 under the first one.
+cubin with the bundled ptxas), specialised by the JIT launcher's own code (16-divisible
+pointers and ints marked, ints equal to 1 made constexprs): for bf16, the benchmark dtype,
+under every autotune config the GPU would try; for fp16/fp32/fp64, channels_last and kernel
+sizes 1 and 5 under the first one. The compiler is this machine's Triton: CI's 3.8, and the
+GPU machine's 3.6 in a check by hand (torch 2.11 venv), both passing.
 
     python tests/triton_aot.py [--arch 90] [--jobs N]      (TRITON_INTERPRET must be unset)
 
@@ -32,7 +34,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("triton_aot.py compiles for a GPU: unset TRITON_INTERPRET")
 
 import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402  (the JIT launcher's typing)
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import ptl_fused.triton.ops as tops  # noqa: E402
@@ -103,27 +107,28 @@ def jit_function(kernel) -> triton.JITFunction:
 
 
 def signature(kernel, args: tuple, kwargs: dict, config) -> tuple[dict, dict, dict, dict]:
-    """(signature, constexprs, attrs, options) of one launch, typed and specialised as Triton's
-    launcher does it: a pointer or int divisible by 16 is marked so (tt.divisibility)."""
+    """(signature, constexprs, attrs, options) of one launch, specialised by Triton's own
+    launcher code: pointer and int types, ints of 16-divisible value or address marked
+    (tt.divisibility), an int equal to 1 and None turned into constexprs."""
     fn = jit_function(kernel)
     values = dict(zip(fn.arg_names, args, strict=False)) | kwargs
     options = {}
     if config is not None:
         values |= config.kwargs
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    constexpr = {fn.arg_names[i] for i in fn.constexprs}
     sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        v = values[name]
-        if name in constexpr:
-            sig[name], consts[name] = "constexpr", v
+    for i, param in enumerate(fn.params):
+        v = values[param.name]
+        if param.is_constexpr:
+            sig[param.name], consts[param.name] = "constexpr", v
             continue
-        if isinstance(v, torch.Tensor):
-            sig[name], divisible = POINTER[v.dtype], v.data_ptr() % 16 == 0
-        else:
-            sig[name], divisible = ("i32" if -(2**31) <= v < 2**31 else "i64"), v % 16 == 0
-        if divisible:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+        specialize, align = not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        kind, spec = native_specialize_impl(CUDABackend, v, param.is_const, specialize, align)
+        sig[param.name] = kind
+        if kind == "constexpr":
+            consts[param.name] = spec
+        elif isinstance(spec, str) and spec:
+            attrs[(i,)] = CUDABackend.parse_attr(spec)
     return sig, consts, attrs, options
 
 
