@@ -124,6 +124,18 @@ def test_triton_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
         ops.bconv_cell(**_v1(), backend="triton")
 
 
+def test_triton_refuses_tensors_past_32_bit_offsets():
+    # The Triton kernels index in int32: a tensor spanning 2^31 elements is refused by name
+    # (meta tensors: the sizes without the memory), one just below passes.
+    triton_ops = pytest.importorskip("ptl_fused.triton.ops")
+    big = torch.empty_strided((3, 8, 4, 4), (2**30, 1, 32, 8), device="meta")  # last offset 2^31 + 127
+    with pytest.raises(ValueError, match=r"backend 'triton' indexes in 32 bits, but x \(3, 8, 4, 4\)"):
+        triton_ops.check_32bit(weight=torch.empty(4, 8, 3, 3, device="meta"), x=big)
+    triton_ops.check_32bit(
+        x=torch.empty_strided((3, 8, 4, 4), (2**30 - 64, 1, 32, 8), device="meta")
+    )  # 2^31 - 1
+
+
 @pytest.mark.parametrize("op", ["bconv_cell_fwd", "bconv_cell_eval"])
 def test_fused_gemm_on_cpu_tensors_is_refused(op):
     # The implicit-GEMM kernel is CUDA-only; on the CPU the op says so instead of falling back.

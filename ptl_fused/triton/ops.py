@@ -90,10 +90,27 @@ def _outputs(x, weight, c_prev, stride, padding, save_gates, v2):
     return outs, gates, fmt
 
 
+def check_32bit(**tensors: Tensor | None) -> None:
+    """Refuse, naming it, a tensor whose elements span 2^31 or more: the kernels compute their
+    offsets in int32 (Triton types size and stride arguments below 2^31 as i32)."""
+    for name, t in tensors.items():
+        if t is None or t.numel() == 0:
+            continue
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))  # its offset
+        if last >= 2**31:
+            raise ValueError(
+                f"ptl_fused: backend 'triton' indexes in 32 bits, but {name} {tuple(t.shape)} with strides "
+                f"{t.stride()} spans 2^31 elements or more; use backend 'cuda' or a smaller batch"
+            )
+
+
 def _launch_fwd(
     x, x_rec, weight, bias, c_prev, h_prev, h_alpha, stride, padding, y, c_new, h_new, gates, gate_map=None
 ):
     """c_prev None: the eval kernel (weight = the i, o, g rows; optional (3·Cout, Ho, Wo) gate_map)."""
+    check_32bit(
+        x=x, x_rec=x_rec, weight=weight, c_prev=c_prev, h_prev=h_prev, y=y, gates=gates, gate_map=gate_map
+    )
     b, cout, ho, wo = y.shape
     evaluate = c_prev is None
     v2 = x_rec is not None
@@ -173,6 +190,7 @@ def _(x, weight3, bias3, gate_map, stride, padding):
 
 def _recover(x, weight_rec, bias_rec, h_prev, stride, padding, fmt):
     """X~ = conv_transpose2d(H_{b-1}) in x's shape and layout (recovery.py)."""
+    check_32bit(x=x, h_prev=h_prev, weight_rec=weight_rec)
     b, cin, h, w = x.shape
     cout, k = weight_rec.shape[0], weight_rec.shape[-1]
     x_rec = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -238,6 +256,7 @@ def bconv_cell_bwd(
         return None if t is None else t.to(dtype).contiguous(memory_format=fmt)
 
     gy, gc, gh = prep(grad_y, gates.dtype), prep(grad_c_new, c_prev.dtype), prep(grad_h_new, c_prev.dtype)
+    check_32bit(gates=gates, c_prev=c_prev, grad_y=gy, grad_c_new=gc, grad_h_new=gh)
     n = c_prev.numel()
     if n:
         alpha = h_alpha.to(device=c_prev.device, dtype=c_prev.dtype).reshape(1) if v2 else c_prev
