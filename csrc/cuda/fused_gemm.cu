@@ -40,14 +40,11 @@ void launch(const Params<T, A>& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Builds the kernel's Params (make_params(gemm weight)) and launches the gather order that
-// suits g's layout.
 template <typename T, int G, typename MakeParams>
 void launch(const GemmArgs& g, MakeParams make_params) {
-  if (tap_major<T>(g))
-    launch<T, G, true>(make_params(gemm_weight<T>(g, true)));
-  else
-    launch<T, G, false>(make_params(gemm_weight<T>(g, false)));
+  with_gather_order<T>(g, make_params, [](auto tap_major, const auto& p) {
+    launch<T, G, decltype(tap_major)::value>(p);
+  });
 }
 
 }  // namespace

@@ -502,6 +502,17 @@ Tensor gemm_weight(const GemmArgs& g, bool tap_major) {
   return padded.view({w.size(0), -1});
 }
 
+// The one place that picks g's gather order: run(order, params), order a std::bool_constant
+// of tap-major, params = make_params(the weight laid out for it, alive until run returns).
+// The CUDA launch (fused_gemm.cu) and the CPU emulation (tests/emulation) both go through it.
+template <typename T, typename MakeParams, typename Run>
+void with_gather_order(const GemmArgs& g, MakeParams make_params, Run run) {
+  if (tap_major<T>(g))
+    run(std::true_type{}, make_params(gemm_weight<T>(g, true)));
+  else
+    run(std::false_type{}, make_params(gemm_weight<T>(g, false)));
+}
+
 // The geometry and inputs of g (w: gemm_weight of g.weight); the caller fills in the outputs.
 template <typename T, typename A>
 Params<T, A> gemm_params(const GemmArgs& g, const Tensor& w, const Tensor& y, bool channels_last) {

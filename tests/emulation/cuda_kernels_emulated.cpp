@@ -23,22 +23,17 @@ using OptTensor = std::optional<at::Tensor>;
 
 at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 
-// As fused_gemm.cu's launch: Params from make_params(gemm weight), the gather order of g.
+// As fused_gemm.cu's launch: the gather order and weight of with_gather_order.
 template <typename T, int G, typename MakeParams>
 void run(const GemmArgs& g, MakeParams make_params) {
   using Tile = std::conditional_t<kTensorCores<T>, TensorCoreTile<T, G>, ScalarTile<T, G>>;
-  const bool tm = tap_major<T>(g);
-  const Tensor w = gemm_weight<T>(g, tm);
-  const auto p = make_params(w);
-  const auto gx = static_cast<unsigned>((p.M + BM - 1) / BM);
-  const auto gy = static_cast<unsigned>((p.Cout + BN - 1) / BN);
-  const std::string err = cuda_emulation::launch(gx, gy, kThreads, [&] {
-    if (tm)
-      fused_cell_kernel<T, G, Tile, true>(p);
-    else
-      fused_cell_kernel<T, G, Tile, false>(p);
+  with_gather_order<T>(g, make_params, [](auto tap_major, const auto& p) {
+    const auto gx = static_cast<unsigned>((p.M + BM - 1) / BM);
+    const auto gy = static_cast<unsigned>((p.Cout + BN - 1) / BN);
+    const std::string err = cuda_emulation::launch(
+        gx, gy, kThreads, [&] { fused_cell_kernel<T, G, Tile, decltype(tap_major)::value>(p); });
+    TORCH_CHECK(err.empty(), "emulated fused kernel: ", err);
   });
-  TORCH_CHECK(err.empty(), "emulated fused kernel: ", err);
 }
 
 void fwd(const at::Tensor& x, const OptTensor& x_rec, const at::Tensor& weight,
