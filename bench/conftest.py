@@ -59,27 +59,25 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_COMPILE_MODE: dict[str, str | None] = {}
-_LAYOUT = {"name": "nchw"}
+# The run's resolved options, for the test modules (set once by pytest_configure).
+_OPTIONS = {"compile_mode": "default", "layout": "nchw"}
 
 
 def pytest_configure(config):
     mode = config.getoption("--bench-compile-mode")
     if mode is None:
         mode = "max-autotune-no-cudagraphs" if bench_device().type == "cuda" else "default"
-    _COMPILE_MODE["mode"] = mode
-    _LAYOUT["name"] = config.getoption("--bench-layout")
+    _OPTIONS.update(compile_mode=mode, layout=config.getoption("--bench-layout"))
 
 
 def memory_format() -> torch.memory_format:
     """The memory format of the run's 4-D tensors (--bench-layout)."""
-    return torch.channels_last if _LAYOUT["name"] == "channels_last" else torch.contiguous_format
+    return torch.channels_last if _OPTIONS["layout"] == "channels_last" else torch.contiguous_format
 
 
 def compile_mode() -> str | None:
     """The torch.compile mode of the compile rows (None: inductor's default)."""
-    mode = _COMPILE_MODE.get("mode", "default")
-    return None if mode == "default" else mode
+    return None if _OPTIONS["compile_mode"] == "default" else _OPTIONS["compile_mode"]
 
 
 def device_name() -> str:
@@ -103,8 +101,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "triton": triton_version,
         "driver": _driver(),
         "glibc_allocator_pinned": GLIBC_PINNED,
-        "compile_mode": _COMPILE_MODE.get("mode"),
-        "layout": _LAYOUT["name"],
+        **_OPTIONS,
     }
 
 
