@@ -8,8 +8,9 @@
 # back even when a later stage runs out of time. The benchmark runs first without, then with
 # the torch.compile rows (compiling is the slow part), and the two JSONs are merged into one
 # table. FULL=1: every test and `--bench-set all` with max-autotune, no time boxes (a longer
-# session). LAYOUT=channels_last: the benchmark's tensors (and network) in channels_last. Files written (at most 8 come back from a device call): env.txt build.log
-# tests.log bench.log bench.json bench.md bench.png.
+# session). LAYOUT=channels_last: the benchmark's tensors (and network) in channels_last.
+# Files written (at most 8 come back from a device call): env.txt build.log tests.log
+# bench.log bench.json bench.md bench.png.
 set -uo pipefail
 out=${1:-${OUT:-gpu_results}}
 mkdir -p "$out"

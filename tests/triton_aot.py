@@ -42,7 +42,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import ptl_fused.triton.ops as tops  # noqa: E402
 
 KERNELS = ("bconv_cell_fwd_kernel", "recovery_kernel", "bconv_cell_bwd_kernel")
-POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 MAX_SHARED = 227 * 1024  # the most shared memory a Hopper block may use
 
 
@@ -92,7 +92,7 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
             variant[0] = f"{label} {name}"
             call()
 
-    for dtype in POINTER:
+    for dtype in DTYPES:
         run(str(dtype).removeprefix("torch."), dtype)
     # 64 channels: the tap-major K order (ops._launch_fwd)
     run("bfloat16 channels_last", torch.bfloat16, channels_last=True, cin=64)
