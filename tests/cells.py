@@ -12,6 +12,8 @@ import python_ref
 from ptl_fused import ops
 from ptl_fused.backends import BACKENDS
 
+from tolerances import assert_matches_oracle
+
 
 @dataclass(frozen=True)
 class Case:
@@ -150,3 +152,57 @@ def forward_backward(backend: str, args: dict, case: Case, v2: bool, seed: int =
 
 
 OUT_NAMES = ("y", "c_new", "h_new")
+
+
+def to_channels_last(args):
+    return {
+        n: t.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        if isinstance(t, torch.Tensor) and t.dim() == 4
+        else t
+        for n, t in args.items()
+    }
+
+
+def check_cell(backend, device, case, v2, dtype, master, layout=None):
+    """Forward, every gradient and the carried state of `backend` against python_ref (float64
+    oracle), within tolerances.py's bound; `layout` re-lays out the cast inputs."""
+    skip_unsupported(backend, device, dtype)
+    oracle_out, oracle_grad = forward_backward("oracle", cast_inputs(master, torch.float64, "cpu"), case, v2)
+    eager_out, eager_grad = forward_backward("oracle", cast_inputs(master, dtype, device), case, v2)
+    args = cast_inputs(master, dtype, device)
+    if layout is not None:
+        args = layout(args)
+    got_out, got_grad = forward_backward(backend, args, case, v2)
+    for name, got, eager, oracle in zip(OUT_NAMES, got_out, eager_out, oracle_out, strict=False):
+        want_dtype = dtype if name == "y" else (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert got.dtype == want_dtype, f"{name} is {got.dtype}, expected {want_dtype}"
+        assert_matches_oracle(f"{case} {name}", got, eager, oracle, dtype)
+    assert got_grad.keys() == oracle_grad.keys()
+    for name in oracle_grad:
+        assert got_grad[name] is not None, f"no gradient for {name}"
+        assert_matches_oracle(f"{case} d{name}", got_grad[name], eager_grad[name], oracle_grad[name], dtype)
+
+
+def zero_state_reference(args: dict, case, v2: bool):
+    """y of the full python_ref cell from C_{b-1} = H_{b-1} = 0 (what eval means)."""
+    a = dict(args)
+    a["c_prev"] = torch.zeros_like(a["c_prev"])
+    if v2:
+        a["h_prev"] = torch.zeros_like(a["h_prev"])
+        return python_ref.bconv_cell_v2(*a.values(), case.stride, case.padding)[0]
+    return python_ref.bconv_cell(*a.values(), case.stride, case.padding)[0]
+
+
+def eval_shortcut(args: dict, case, v2: bool, backend: str):
+    a = {n: t for n, t in args.items() if n not in ("c_prev", "h_prev", "h_alpha")}
+    with torch.no_grad():
+        if v2:
+            outs = ops.bconv_cell_v2(
+                a["x"], a["weight"], a["bias"], a["weight_rec"], a["bias_rec"], None, None, 1.0,
+                case.stride, case.padding, backend=backend,
+            )  # fmt: skip
+            assert outs[1:] == (None, None), "inference returns no state"
+        else:
+            outs = ops.bconv_cell(a["x"], a["weight"], a["bias"], None, case.stride, case.padding, backend)
+            assert outs[1] is None, "inference returns no state"
+    return outs[0]

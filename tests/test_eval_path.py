@@ -17,35 +17,12 @@ from cells import (
     WIDE_CASES,
     backend_params,
     cast_inputs,
+    eval_shortcut,
     make_inputs,
     skip_unsupported,
+    zero_state_reference,
 )
 from tolerances import assert_matches_oracle
-
-
-def _zero_state_reference(args: dict, case, v2: bool):
-    """y of the full python_ref cell from C_{b-1} = H_{b-1} = 0 (what eval means)."""
-    a = dict(args)
-    a["c_prev"] = torch.zeros_like(a["c_prev"])
-    if v2:
-        a["h_prev"] = torch.zeros_like(a["h_prev"])
-        return python_ref.bconv_cell_v2(*a.values(), case.stride, case.padding)[0]
-    return python_ref.bconv_cell(*a.values(), case.stride, case.padding)[0]
-
-
-def _shortcut(args: dict, case, v2: bool, backend: str):
-    a = {n: t for n, t in args.items() if n not in ("c_prev", "h_prev", "h_alpha")}
-    with torch.no_grad():
-        if v2:
-            outs = ops.bconv_cell_v2(
-                a["x"], a["weight"], a["bias"], a["weight_rec"], a["bias_rec"], None, None, 1.0,
-                case.stride, case.padding, backend=backend,
-            )  # fmt: skip
-            assert outs[1:] == (None, None), "inference returns no state"
-        else:
-            outs = ops.bconv_cell(a["x"], a["weight"], a["bias"], None, case.stride, case.padding, backend)
-            assert outs[1] is None, "inference returns no state"
-    return outs[0]
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
@@ -54,8 +31,8 @@ def _shortcut(args: dict, case, v2: bool, backend: str):
 def test_reference_shortcut_is_the_zero_state_cell(case, v2, bias):
     # In float64 the shortcut and the full cell differ only by summation order.
     args = cast_inputs(make_inputs(case, v2, bias), torch.float64, "cpu", requires_grad=False)
-    want = _zero_state_reference(args, case, v2)
-    got = _shortcut(args, case, v2, "reference")
+    want = zero_state_reference(args, case, v2)
+    got = eval_shortcut(args, case, v2, "reference")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
@@ -66,9 +43,9 @@ def test_reference_shortcut_is_the_zero_state_cell(case, v2, bias):
 def test_eval_shortcut_matches_reference(backend, device, case, dtype, v2):
     skip_unsupported(backend, device, dtype)
     master = make_inputs(case, v2)
-    oracle = _zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
-    eager = _zero_state_reference(cast_inputs(master, dtype, device, False), case, v2)
-    got = _shortcut(cast_inputs(master, dtype, device, False), case, v2, backend)
+    oracle = zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
+    eager = zero_state_reference(cast_inputs(master, dtype, device, False), case, v2)
+    got = eval_shortcut(cast_inputs(master, dtype, device, False), case, v2, backend)
     assert got.dtype == dtype
     assert_matches_oracle(f"{case} eval y", got, eager, oracle, dtype)
 
@@ -91,11 +68,11 @@ def test_eval_shortcut_wide_cells_channels_last_on_gpu(backend, device, v2):
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_eval_shortcut_channels_last(backend, device, v2, case=CASES[1]):
     master = make_inputs(case, v2)
-    oracle = _zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
+    oracle = zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
     args = cast_inputs(master, torch.float32, device, False)
     args["x"] = args["x"].contiguous(memory_format=torch.channels_last)
-    got = _shortcut(args, case, v2, backend)
-    eager = _zero_state_reference(cast_inputs(master, torch.float32, device, False), case, v2)
+    got = eval_shortcut(args, case, v2, backend)
+    eager = zero_state_reference(cast_inputs(master, torch.float32, device, False), case, v2)
     assert_matches_oracle(f"{case} eval y (channels_last)", got, eager, oracle, torch.float32)
 
 

@@ -25,24 +25,29 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The GPU's autotune space. Each tile shape is run in the interpreter against python_ref
+# (tests/test_triton_tiles.py) and compiled for sm_90 with its warps and stages
+# (tests/test_triton_compile.py).
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (64, 32, 32, 4, 3),
+        (128, 32, 32, 4, 3),
+        (64, 64, 32, 4, 3),
+        (128, 64, 32, 8, 3),
+        (128, 64, 64, 8, 3),
+        (64, 128, 32, 8, 4),
+        (256, 32, 32, 8, 3),
+    ]
+]
+
+
 def _configs():
     if INTERPRET:  # the CPU interpreter: one small tile, no tuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
     # PTL_FUSED_TRITON_AUTOTUNE=0: the first config only, untuned. For test runs on a GPU, where
     # every odd test shape would otherwise compile and time all of them (scripts/gpu_check.sh).
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (64, 32, 32, 4, 3),
-            (128, 32, 32, 4, 3),
-            (64, 64, 32, 4, 3),
-            (128, 64, 32, 8, 3),
-            (128, 64, 64, 8, 3),
-            (64, 128, 32, 8, 4),
-            (256, 32, 32, 8, 3),
-        ]
-    ]
-    return configs[:1] if os.environ.get("PTL_FUSED_TRITON_AUTOTUNE") == "0" else configs
+    return GPU_CONFIGS[:1] if os.environ.get("PTL_FUSED_TRITON_AUTOTUNE") == "0" else GPU_CONFIGS
 
 
 @triton.jit
