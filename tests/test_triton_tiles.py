@@ -3,7 +3,8 @@
 Elsewhere the interpreter runs one 16x16x16 tile (forward._configs). On a GPU the autotuner
 may pick any tile of forward.GPU_CONFIGS, and the tile sizes decide the masks of the partial
 last tiles, how the K loop chunks Cin·k·k, and, tap-major, how many chunks one tap takes.
-So each tile runs here against python_ref: forward, every gradient, the carried state, eval.
+So each tile runs here against python_ref: forward, every gradient, the carried state, eval
+(the backward epilogue with the GPU's block).
 The interpreter has no warps or pipeline stages; tests/test_triton_compile.py compiles each
 config, warps and stages included, for sm_90.
 """
@@ -33,7 +34,7 @@ if triton_why is None and torch.cuda.is_available():
 pytestmark = pytest.mark.skipif(triton_why is not None, reason=f"Triton interpreter: {triton_why}")
 
 if triton_why is None:
-    from ptl_fused.triton import forward, recovery
+    from ptl_fused.triton import forward, ops, recovery
 
     GPU_CONFIGS = forward.GPU_CONFIGS
 else:
@@ -54,7 +55,9 @@ def _tile_id(cfg) -> str:
 
 @pytest.fixture(params=GPU_CONFIGS, ids=_tile_id)
 def tile(request, monkeypatch):
-    """Makes `request.param` the one config of every autotuned Triton kernel."""
+    """Makes `request.param` the one config of every autotuned Triton kernel, and the backward
+    epilogue's block the GPU's."""
+    monkeypatch.setattr(ops, "BWD_BLOCK", ops.GPU_BWD_BLOCK)
     for kernel in (forward.bconv_cell_fwd_kernel, recovery.recovery_kernel):
         monkeypatch.setattr(kernel, "configs", [request.param])
     return request.param

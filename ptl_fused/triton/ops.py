@@ -23,7 +23,8 @@ from .backward import bconv_cell_bwd_kernel
 from .forward import INTERPRET, bconv_cell_fwd_kernel
 from .recovery import recovery_kernel
 
-BWD_BLOCK = 256 if INTERPRET else 1024
+GPU_BWD_BLOCK = 1024
+BWD_BLOCK = 256 if INTERPRET else GPU_BWD_BLOCK
 
 
 @triton.jit
