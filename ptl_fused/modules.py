@@ -9,6 +9,9 @@ or load_state_dict between two eval calls refreshes them. When a gradient is nee
 (grad mode on and a parameter or x requires grad), the full cell runs from a zero state.
 The state is not a parameter or buffer: it is not in state_dict, DDP does not broadcast it
 (each rank keeps its own), and .to(device) moves it while keeping its float32 dtype.
+Activation checkpointing (torch.utils.checkpoint, either mode) re-runs a training forward
+inside backward: the cell then replays the state its original call read and updates nothing,
+so gradients and the carried state are those of the un-checkpointed cell.
 """
 
 from __future__ import annotations
@@ -61,11 +64,13 @@ class _BConvCellBase(nn.Module):
         self.bias = nn.Parameter(torch.empty(4 * out_channels)) if bias else None
         self.state = None
         self._eval_cache: tuple[tuple, tuple[Tensor | None, ...]] | None = None
+        self._last_call: _Call | None = None
         _init_conv(self.weight, self.bias)
 
     def reset_state(self) -> None:
         """Forget the carried state (call at the start of every training epoch)."""
         self.state = None
+        self._last_call = None
 
     def state_shape(self, x: Tensor) -> tuple[int, int, int, int]:
         """(B, Cout, Ho, Wo) of the state and output for input x (B, Cin, H, W)."""
@@ -80,6 +85,8 @@ class _BConvCellBase(nn.Module):
 
     def _previous(self, state: Tensor | None, shape: tuple[int, ...], x: Tensor, name: str) -> Tensor:
         dtype = state_dtype(x.dtype)
+        if _left_by_inference_mode(state):  # autograd cannot save such a tensor
+            state = state.clone()
         prev = carry_state(state, shape, dtype, x.device, self.state_init, name)
         # Under CUDA-graph capture the state is updated in place (_keep), so the op must not
         # save a view of it for backward.
@@ -111,10 +118,12 @@ class _BConvCellBase(nn.Module):
             self._eval_cache = None  # training updates the weights; free the copy
         return super().train(mode)
 
-    def _keep(self, new: tuple[Tensor, ...], x: Tensor) -> None:
-        """Store the new (detached) state. Under CUDA-graph capture it is copied into the
-        existing buffers, so that every replay reads what the previous replay wrote; warm up
-        a few eager steps with the capture's batch size first, as CUDA graphs require."""
+    def _keep(self, new: tuple[Tensor, ...], x: Tensor, inputs: tuple[Tensor, ...]) -> None:
+        """Store the new (detached) state, and remember the state `inputs` this call read, for
+        a recomputation by activation checkpointing (_replay). Under CUDA-graph capture the
+        state is copied into the existing buffers, so that every replay reads what the
+        previous replay wrote; warm up a few eager steps with the capture's batch size first,
+        as CUDA graphs require."""
         old = None if self.state is None else _as_tuple(self.state)
         if (
             _capturing(x)
@@ -123,8 +132,37 @@ class _BConvCellBase(nn.Module):
         ):
             for o, n in zip(old, new, strict=True):
                 o.copy_(n)
-            return
-        self.state = new[0] if len(new) == 1 else new
+        else:
+            self.state = new[0] if len(new) == 1 else new
+        # The inputs are the tensors autograd saves for this call's backward anyway, so keeping
+        # them raises no peak; between steps they cost one state. (torch.compile recomputes
+        # from its graph's saved inputs, never through this.)
+        if not torch.compiler.is_compiling():
+            self._last_call = _Call(inputs, _as_tuple(self.state)[0], tuple(x.shape))
+
+    def _replay(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The state inputs of the forward that activation checkpointing is re-running now.
+
+        Only the cell's last call can be replayed, once per backward pass: the state has moved
+        on past any earlier call, and two recomputations in one backward cannot be told apart.
+        """
+        call, task = self._last_call, torch._C._current_graph_task_id()
+        current = None if self.state is None else _as_tuple(self.state)[0]
+        if (
+            call is None
+            or call.state_out is not current
+            or call.x_shape != tuple(x.shape)
+            or call.task == task
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__}: activation checkpointing is re-running a forward of this cell "
+                "other than its last one (the cell ran more than once before this backward, or its "
+                "state was reset or replaced in between), so the state that call read is gone. Under "
+                "torch.utils.checkpoint, run each cell once per backward, or keep it outside the "
+                "checkpointed function."
+            )
+        call.task = task
+        return call.inputs
 
     def _apply(self, fn, recurse=True):
         # Follow .to(device) / .cuda(), but keep the state's own (float32) precision.
@@ -170,11 +208,16 @@ class BConvCell(_BConvCellBase):
         if not self.training:
             return self._eval_forward(x)
         shape = self.state_shape(x)
-        c_prev = self._previous(self.state, shape, x, "state")
+        recomputing = _recomputing()
+        if recomputing:
+            (c_prev,) = self._replay(x)
+        else:
+            c_prev = self._previous(self.state, shape, x, "state")
         y, c_new = ops.bconv_cell(
             x, self.weight, self.bias, c_prev, self.stride, self.padding, backend=self.backend
         )
-        self._keep((c_new.detach(),), x)
+        if not recomputing:
+            self._keep((c_new.detach(),), x, (c_prev,))
         return y
 
     def _functional_eval(self, x: Tensor) -> Tensor:
@@ -237,15 +280,14 @@ class BConvCellV2(_BConvCellBase):
         if not self.training:
             return self._eval_forward(x)
         shape = self.state_shape(x)
-        c_state, h_state = self.state if self.state is not None else (None, None)
-        c_prev = self._previous(c_state, shape, x, "state[0] (C)")
-        h_prev = self._previous(h_state, shape, x, "state[1] (H)")
-        # alpha is made on the device (no host-to-device copy: CUDA-graph capturable).
-        if self.hidden_momentum is None:
-            self.num_batches.add_(1)
-            alpha = 1.0 / self.num_batches
+        recomputing = _recomputing()
+        if recomputing:
+            c_prev, h_prev, alpha = self._replay(x)
         else:
-            alpha = torch.full((), self.hidden_momentum, device=x.device)
+            c_state, h_state = self.state if self.state is not None else (None, None)
+            c_prev = self._previous(c_state, shape, x, "state[0] (C)")
+            h_prev = self._previous(h_state, shape, x, "state[1] (H)")
+            alpha = self._alpha(x)
         y, c_new, h_new = ops.bconv_cell_v2(
             x,
             self.weight,
@@ -259,8 +301,20 @@ class BConvCellV2(_BConvCellBase):
             self.padding,
             backend=self.backend,
         )
-        self._keep((c_new.detach(), h_new.detach()), x)
+        if not recomputing:
+            if self.hidden_momentum is None:
+                self.num_batches.add_(1)  # only once the call has succeeded
+            self._keep((c_new.detach(), h_new.detach()), x, (c_prev, h_prev, alpha))
         return y
+
+    def _alpha(self, x: Tensor) -> Tensor:
+        """The aggregation weight of this batch: 1/n_b (running mean) or hidden_momentum (EMA).
+        Made on the device: no host-to-device copy, so CUDA-graph capturable."""
+        if self.hidden_momentum is not None:
+            return torch.full((), self.hidden_momentum, device=x.device)
+        if self.state is None:  # the first batch since the reset (also after to_empty(): garbage)
+            self.num_batches.zero_()
+        return 1.0 / (self.num_batches + 1)
 
     def _functional_eval(self, x: Tensor) -> Tensor:
         w, b, wr, br, s, p = self.weight, self.bias, self.weight_rec, self.bias_rec, self.stride, self.padding
@@ -282,6 +336,32 @@ def reset_states(model: nn.Module) -> int:
     for m in cells:
         m.reset_state()
     return len(cells)
+
+
+class _Call:
+    """What a training forward read (its state inputs) and wrote (the new state), for _replay."""
+
+    def __init__(self, inputs: tuple[Tensor, ...], state_out: Tensor, x_shape: tuple[int, ...]) -> None:
+        self.inputs, self.state_out, self.x_shape = inputs, state_out, x_shape
+        self.task: int | None = None  # the backward pass that last replayed it
+
+
+def _recomputing() -> bool:
+    """True when a training forward runs inside a backward pass: activation checkpointing
+    (either mode) re-running it. torch.compile recomputes from the graph's saved inputs."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and torch._C._current_graph_task_id() != -1
+    )
+
+
+def _left_by_inference_mode(state: Tensor | None) -> bool:
+    """A state written by a training forward under torch.inference_mode, now read outside it.
+    torch.compile cannot trace the test, so a compiled forward still refuses such a state."""
+    if state is None or torch.compiler.is_compiling():
+        return False
+    return state.is_inference() and not torch.is_inference_mode_enabled()
 
 
 def _capturing(x: Tensor) -> bool:

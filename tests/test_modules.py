@@ -168,3 +168,78 @@ def test_module_under_torch_compile(v2):
         torch.testing.assert_close(compiled(x), ref(x))
     for s, s_ref in zip(_states(cell.state), _states(ref.state), strict=True):
         torch.testing.assert_close(s, s_ref)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_activation_checkpointing_gives_the_plain_cells_results(backend, v2, reentrant):
+    # The checkpointed block (conv -> cell) re-runs inside backward; the cell must replay the
+    # state its first run read and advance nothing, over batch changes.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 3, 1), _make(v2, backend)).double()
+    ref = copy.deepcopy(block)
+    for b in (3, 2, 4):
+        x = torch.randn(b, 3, 9, 7, dtype=torch.float64)
+        for net, ckpt in ((block, True), (ref, False)):
+            xx = x.clone().requires_grad_()
+            y = checkpoint(net, xx, use_reentrant=reentrant) if ckpt else net(xx)
+            (y * y).sum().backward()
+            net.grad_x = xx.grad
+        torch.testing.assert_close(block.grad_x, ref.grad_x)
+        for s, s_ref in zip(_states(block[1].state), _states(ref[1].state), strict=True):
+            torch.testing.assert_close(s, s_ref)
+        if v2:
+            assert int(block[1].num_batches) == int(ref[1].num_batches)
+    for (name, p), p_ref in zip(block.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=f"accumulated grad of {name}")
+
+
+def test_checkpointed_cell_backward_twice_with_retain_graph():
+    from torch.utils.checkpoint import checkpoint
+
+    cell = _make(False, "cpu")
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    y = checkpoint(cell, x, use_reentrant=False).sum()
+    (g1,) = torch.autograd.grad(y, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(y, x)  # a second backward pass replays the same call
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointing_a_cell_run_twice_per_backward_is_a_clear_error(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    cell = _make(False, "cpu")
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    y = checkpoint(cell, x, use_reentrant=reentrant) + checkpoint(cell, x, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="ran more than once before this backward"):
+        y.sum().backward()
+
+
+def test_running_mean_count_survives_a_failed_call_and_to_empty():
+    cell = BConvCellV2(2, 2, 1)
+    with pytest.raises(TypeError):  # x in another dtype than the weights: nothing may advance
+        cell(torch.randn(1, 2, 3, 3, dtype=torch.float64))
+    assert int(cell.num_batches) == 0
+    with torch.device("meta"):
+        lazy = BConvCellV2(2, 2, 1)
+    lazy.to_empty(device="cpu").load_state_dict(cell.state_dict())
+    lazy.num_batches.fill_(12345)  # to_empty leaves the non-persistent buffer uninitialised
+    x = torch.randn(1, 2, 3, 3)
+    for _ in range(2):
+        torch.testing.assert_close(lazy(x), cell(x))
+    for s, s_ref in zip(lazy.state, cell.state, strict=True):
+        torch.testing.assert_close(s, s_ref)
+    assert int(lazy.num_batches) == int(cell.num_batches) == 2
+
+
+def test_training_forward_under_inference_mode_then_training():
+    cell = BConvCell(2, 2, 1)
+    with torch.inference_mode():
+        cell(torch.randn(4, 2, 3, 3))
+    x = torch.randn(2, 2, 3, 3, requires_grad=True)
+    cell(x).sum().backward()  # the carried inference tensor is copied, not saved for backward
+    assert x.grad is not None
