@@ -10,6 +10,7 @@ transposed-convolution backward.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -37,6 +38,24 @@ def conv_backward(grad_out, inp, weight, bias_size, stride, padding, mask, trans
     )
 
 
+def first_order(backward: Callable) -> Callable:
+    """A backward without a derivative of its own: create_graph=True (double backward, e.g. a
+    gradient penalty) is refused before anything runs. once_differentiable alone would let
+    the second-order terms through the weights go missing silently."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ptl_fused: the fused backends compute first-order gradients only, but this "
+                "backward was asked for a graph (create_graph=True: double backward); use "
+                "backend='reference' for higher-order gradients"
+            )
+        return once_differentiable(backward)(ctx, *grads)
+
+    return wrapper
+
+
 def setup_cell(ctx, inputs, output):
     x, weight, bias, c_prev, stride, padding = inputs[:6]
     # Unused outputs (the gates; usually c_new, whose carry is detached) get None, not a
@@ -50,7 +69,7 @@ def setup_cell(ctx, inputs, output):
 def cell_backward(bwd_epilogue: Callable) -> Callable:
     """Backward of a v1 forward op; bwd_epilogue(gy, gc, c_prev, gates) -> (dZ, dC_prev)."""
 
-    @once_differentiable  # second derivatives are not implemented: a clear error, not wrong numbers
+    @first_order
     def backward(ctx, grad_y, grad_c_new, _grad_gates):
         x, weight, c_prev, gates = ctx.saved_tensors
         has_bias, stride, padding = ctx.conv
@@ -77,7 +96,7 @@ def cell_v2_backward(bwd_epilogue: Callable) -> Callable:
     """Backward of a v2 forward op; bwd_epilogue(gy, gc, gh, c_prev, gates, h_alpha) ->
     (dZ, dC_prev, dH_prev's aggregation part)."""
 
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y, grad_c_new, grad_h_new, _grad_gates, _grad_x_rec):
         x, weight, weight_rec, c_prev, h_prev, gates, x_rec, h_alpha = ctx.saved_tensors
         has_bias, has_bias_rec, stride, padding = ctx.conv

@@ -12,7 +12,9 @@ of tests/tolerances.py.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch._C._functorch import TransformType, get_interpreter_stack
 
 from python_ref import eval_gate_rows, state_dtype, v2_gate_map
 
@@ -30,9 +32,25 @@ def exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
-def _resolve(backend: str, x: Tensor) -> backends.Backend:
+def _differentiated_forward(tensors: tuple[Tensor | None, ...]) -> bool:
+    """True under forward-mode AD (a tensor carries a tangent: torch.func.jvp/jacfwd,
+    forward_ad dual tensors) or a torch.func grad transform (grad, vjp, jacrev). The fused
+    ops have no jvp and no functorch rules; python_ref, plain PyTorch ops, has both."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = get_interpreter_stack() or ()
+    if any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in stack):
+        return True
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _resolve(backend: str, x: Tensor, *tensors: Tensor | None) -> backends.Backend:
+    """The backend to run: the chosen one, or the reference while exporting or under forward
+    AD / torch.func transforms (same values, the gradients those need)."""
     impl = backends.resolve(backend, x.device)
-    return backends.BACKENDS["reference"] if exporting() else impl
+    if exporting() or _differentiated_forward((x, *tensors)):
+        return backends.BACKENDS["reference"]
+    return impl
 
 
 def bconv_cell(
@@ -51,7 +69,7 @@ def bconv_cell(
     through the full cell from an explicit zero state (the shortcut has no backward).
     """
     cout, ho, wo = check_cell_inputs(x, weight, bias, c_prev, stride, padding)
-    impl = _resolve(backend, x)
+    impl = _resolve(backend, x, weight, bias, c_prev)
     if c_prev is not None:
         return impl.bconv_cell(x, weight, bias, c_prev, stride, padding)
     if _needs_grad(x, weight, bias):
@@ -85,7 +103,8 @@ def bconv_cell_v2(
     check_v2_inputs(x, weight, weight_rec, bias_rec, h_prev, h_alpha, (x.shape[0], cout, ho, wo))
     if (c_prev is None) != (h_prev is None):
         raise ValueError("c_prev and h_prev must both be tensors, or both None (the zero state of inference)")
-    impl = _resolve(backend, x)
+    alpha = h_alpha if isinstance(h_alpha, Tensor) else None
+    impl = _resolve(backend, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, alpha)
     inference = c_prev is None
     if inference:
         if not _needs_grad(x, weight, bias, weight_rec, bias_rec):
@@ -126,4 +145,6 @@ def bconv_cell_eval(
         raise RuntimeError(
             "bconv_cell_eval has no backward; use bconv_cell(..., c_prev=None) when a gradient is needed"
         )
-    return _resolve(backend, x).bconv_cell_eval(x, weight3, bias3, gate_map, stride, padding)
+    return _resolve(backend, x, weight3, bias3, gate_map).bconv_cell_eval(
+        x, weight3, bias3, gate_map, stride, padding
+    )

@@ -140,3 +140,41 @@ def test_autocast_low_precision_compute_float32_state(backend, device, v2, low):
         assert_matches_oracle(
             f"autocast d{name}", grads[name], eager_grads[name], oracle_grad[name], torch.bfloat16
         )
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cpu",)))
+def test_forward_mode_ad_and_torch_func_match_reference(backend, device, v2):
+    # The fused ops have no jvp and no functorch rules, so under forward AD and torch.func's
+    # grad transforms the op runs python_ref (before: zero tangents, silently).
+    import torch.autograd.forward_ad as fwAD
+
+    case = CASES[1]
+    args = cast_inputs(make_inputs(case, v2), torch.float64, device, requires_grad=False)
+    names = [n for n, t in args.items() if isinstance(t, torch.Tensor)]
+    primals = tuple(args[n] for n in names)
+    tangents = tuple(torch.randn_like(t) for t in primals)
+
+    def cell(impl):
+        return lambda *ts: call(impl, {**args, **dict(zip(names, ts, strict=True))}, case, v2)
+
+    got, want = cell(backend), cell("oracle")
+    want_tangents = torch.func.jvp(want, primals, tangents)[1]
+    for out, ref in zip(torch.func.jvp(got, primals, tangents)[1], want_tangents, strict=True):
+        torch.testing.assert_close(out, ref)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)]
+        outs = [fwAD.unpack_dual(o).tangent for o in got(*duals)]
+    for out, ref in zip(outs, want_tangents, strict=True):
+        torch.testing.assert_close(out, ref)
+    argnums = tuple(range(len(primals)))
+
+    def loss(f):
+        return lambda *ts: sum((o * o).sum() for o in f(*ts))
+
+    for g, g_ref in zip(
+        torch.func.grad(loss(got), argnums)(*primals),
+        torch.func.grad(loss(want), argnums)(*primals),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, g_ref)
