@@ -130,14 +130,15 @@ def test_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
 @functools.cache
 def eval_fn(impl: str, v2: bool):
     """Eval from the zero state: eager/compile run the full python_ref cell on zero states (what
-    a plain PyTorch user runs); a backend runs the shortcut from prepared (cached) parameters,
-    as the modules do."""
+    a plain PyTorch user runs); a backend runs ops with c_prev=None (the shortcut, its gate
+    rows and v2's gate map taken from the parameters on every call), as the modules do."""
     ref = python_ref.bconv_cell_v2 if v2 else python_ref.bconv_cell
     if impl == "eager":
         return ref
     if impl == "compile":
         return torch.compile(ref, mode=compile_mode())
-    return functools.partial(ops.bconv_cell_eval, backend=impl)
+    op = ops.bconv_cell_v2 if v2 else ops.bconv_cell
+    return lambda *args: op(*args, backend=impl)[0]
 
 
 # Positions of c_prev (and h_prev) in make_args' argument lists.
@@ -145,13 +146,9 @@ STATE_ARGS = {False: (3,), True: (5, 6)}
 
 
 def eval_args(impl: str, args: list, v2: bool) -> list:
-    if impl in ("eager", "compile"):  # the full cell on zero states
-        return [torch.zeros_like(a) if i in STATE_ARGS[v2] else a for i, a in enumerate(args)]
-    x, w, b = args[0], args[1], args[2]
-    if v2:
-        w3, gate_map = ops.v2_eval_params(w, b, args[4], x.shape[-2:], args[-2], args[-1])
-        return [x, w3, None, gate_map, args[-2], args[-1]]
-    return [x, python_ref.eval_gate_rows(w), None, None, args[-2], args[-1]]
+    """The zero state: explicit zeros for the full cell, None (inference) for the ops."""
+    zero = (lambda a: torch.zeros_like(a)) if impl in ("eager", "compile") else (lambda a: None)
+    return [zero(a) if i in STATE_ARGS[v2] else a for i, a in enumerate(args)]
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])

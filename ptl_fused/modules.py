@@ -3,10 +3,11 @@
 Training carries the state (detached) from batch to batch, position-wise; evaluation starts
 every batch from zeros and carries nothing (with state_init="normal" too, so that eval
 features are deterministic). Eval therefore runs the inference shortcut of DESIGN.md §5
-(ptl_fused.ops, python_ref/eval_path.py): no forget gate, no state read; its prepared
-weights (and v2's constant gate map) are cached per parameter version, so an optimizer step
-or load_state_dict between two eval calls refreshes them. When a gradient is needed in eval
-(grad mode on and a parameter or x requires grad), the full cell runs from a zero state.
+(ptl_fused.ops, python_ref/eval_path.py): no forget gate, no state read. Its i, o, g weight
+rows (and v2's constant gate map) are taken from the parameters on every call: no cache can
+see every update (a `p.data` write or a fused optimizer leaves the version counter alone).
+When a gradient is needed in eval (grad mode on and a parameter or x requires grad), the
+full cell runs from a zero state.
 The state is not a parameter or buffer: it is not in state_dict, DDP does not broadcast it
 (each rank keeps its own), and .to(device) moves it while keeping its float32 dtype.
 Activation checkpointing (torch.utils.checkpoint, either mode) re-runs a training forward
@@ -21,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from python_ref import STATE_INITS, carry_state, conv_output_size, eval_gate_rows, state_dtype
+from python_ref import STATE_INITS, carry_state, conv_output_size, state_dtype
 
 from . import ops
 from .backends import BACKENDS
@@ -63,7 +64,6 @@ class _BConvCellBase(nn.Module):
         self.weight = nn.Parameter(torch.empty(4 * out_channels, gate_in_channels, k, k))
         self.bias = nn.Parameter(torch.empty(4 * out_channels)) if bias else None
         self.state = None
-        self._eval_cache: tuple[tuple, tuple[Tensor | None, ...]] | None = None
         self._last_call: _Call | None = None
         _init_conv(self.weight, self.bias)
 
@@ -91,32 +91,6 @@ class _BConvCellBase(nn.Module):
         # Under CUDA-graph capture the state is updated in place (_keep), so the op must not
         # save a view of it for backward.
         return prev.clone() if _capturing(x) else prev
-
-    def _eval_forward(self, x: Tensor) -> Tensor:
-        """y from the zero state: the cached shortcut, or ops' own path when it cannot be cached
-        (a gradient is needed, or torch.compile/export traces: they see the parameters as inputs)."""
-        tracing = torch.compiler.is_compiling() or ops.exporting()
-        needs_grad = x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))
-        if tracing or (torch.is_grad_enabled() and needs_grad):
-            return self._functional_eval(x)
-        self.state_shape(x)  # the module's own shape check, before the cache is consulted
-        key = self._eval_key(x)
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                self._eval_cache = (key, self._eval_params(x))
-        w3, b3, gate_map = self._eval_cache[1]
-        return ops.bconv_cell_eval(x, w3, b3, gate_map, self.stride, self.padding, backend=self.backend)
-
-    def _eval_key(self, x: Tensor) -> tuple:
-        # A parameter's version counter moves on every in-place update (optimizer.step,
-        # load_state_dict, copy_); data_ptr changes when .to() replaces it.
-        ps = [p for p in (self.weight, self.bias, getattr(self, "bias_rec", None)) if p is not None]
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in ps) + (tuple(x.shape[-2:]),)
-
-    def train(self, mode: bool = True):
-        if mode:
-            self._eval_cache = None  # training updates the weights; free the copy
-        return super().train(mode)
 
     def _keep(self, new: tuple[Tensor, ...], x: Tensor, inputs: tuple[Tensor, ...]) -> None:
         """Store the new (detached) state, and remember the state `inputs` this call read, for
@@ -167,7 +141,6 @@ class _BConvCellBase(nn.Module):
     def _apply(self, fn, recurse=True):
         # Follow .to(device) / .cuda(), but keep the state's own (float32) precision.
         super()._apply(fn, recurse)
-        self._eval_cache = None
         if self.state is not None:
             moved = [s.to(fn(s[:0]).device) for s in _as_tuple(self.state)]
             self.state = moved[0] if isinstance(self.state, Tensor) else tuple(moved)
@@ -220,12 +193,9 @@ class BConvCell(_BConvCellBase):
             self._keep((c_new.detach(),), x, (c_prev,))
         return y
 
-    def _functional_eval(self, x: Tensor) -> Tensor:
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        self.state_shape(x)  # the module's own shape message
         return ops.bconv_cell(x, self.weight, self.bias, None, self.stride, self.padding, self.backend)[0]
-
-    def _eval_params(self, x: Tensor) -> tuple[Tensor | None, ...]:
-        b3 = None if self.bias is None else eval_gate_rows(self.bias)
-        return eval_gate_rows(self.weight), b3, None
 
 
 class BConvCellV2(_BConvCellBase):
@@ -316,15 +286,10 @@ class BConvCellV2(_BConvCellBase):
             self.num_batches.zero_()
         return 1.0 / (self.num_batches + 1)
 
-    def _functional_eval(self, x: Tensor) -> Tensor:
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        self.state_shape(x)  # the module's own shape message
         w, b, wr, br, s, p = self.weight, self.bias, self.weight_rec, self.bias_rec, self.stride, self.padding
         return ops.bconv_cell_v2(x, w, b, wr, br, None, None, 1.0, s, p, self.backend)[0]
-
-    def _eval_params(self, x: Tensor) -> tuple[Tensor | None, ...]:
-        w3, gate_map = ops.v2_eval_params(
-            self.weight, self.bias, self.bias_rec, x.shape[-2:], self.stride, self.padding
-        )
-        return w3, None, gate_map
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", hidden_momentum={self.hidden_momentum}"

@@ -136,10 +136,10 @@ def bconv_cell_eval(
     padding: int = 0,
     backend: str = "auto",
 ) -> Tensor:
-    """The eval shortcut from prepared parameters (the modules cache them per weight version):
+    """The eval shortcut from prepared parameters, for callers that keep them between calls:
     weight3 (3·Cout, Cin, k, k) and bias3 (3·Cout,) are the i, o, g rows (python_ref.eval_gate_rows);
     gate_map (3·Cout, Ho, Wo) is v2's constant recovery share. Returns y (B, Cout, Ho, Wo).
-    Forward only: call it under torch.no_grad() (the modules do)."""
+    Forward only: call it under torch.no_grad() (bconv_cell(..., c_prev=None) does so for you)."""
     check_eval_inputs(x, weight3, bias3, gate_map, stride, padding)
     if _needs_grad(x, weight3, bias3, gate_map):
         raise RuntimeError(

@@ -101,39 +101,45 @@ def _module_reference(cell, x):
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_module_cache_refreshes_after_a_weight_update(backend, v2):
+def test_eval_sees_every_weight_update(backend, v2):
+    # Between two eval calls the weights change in every way a user changes them, including
+    # those that leave the version counter alone (`p.data` writes, as EMA teachers do, and
+    # fused optimizers): each eval output must be the current weights'.
     cell = _cell(v2, backend).eval()
     x = torch.randn(2, 3, 9, 7)
-    with torch.no_grad():
-        y1 = cell(x)
-        cached = cell._eval_cache
-        assert cell(x) is not None and cell._eval_cache is cached, "the second call must reuse the cache"
-    torch.testing.assert_close(y1, _module_reference(cell, x))
+    outputs = []
 
+    def check():
+        with torch.no_grad():
+            y = cell(x)
+        torch.testing.assert_close(y, _module_reference(cell, x))
+        assert not outputs or not torch.allclose(y, outputs[-1]), "eval returned the previous output"
+        outputs.append(y)
+
+    check()
     opt = torch.optim.SGD(cell.parameters(), lr=0.5)
     cell.train()
     cell(x).square().sum().backward()
     opt.step()
     cell.eval()
-    with torch.no_grad():
-        y2 = cell(x)
-    assert not torch.allclose(y1, y2)
-    torch.testing.assert_close(y2, _module_reference(cell, x))
-
-    # An in-place update in eval mode (no train() in between) must refresh the cache too.
-    with torch.no_grad():
+    check()
+    with torch.no_grad():  # in place in eval mode, no train() in between
         if v2 and cell.bias_rec is not None:
             cell.bias_rec.add_(0.3)  # v2's gate map depends on the recovery bias
         cell.weight.mul_(1.5)
-        y3 = cell(x)
-    assert not torch.allclose(y2, y3)
-    torch.testing.assert_close(y3, _module_reference(cell, x))
-
-    # load_state_dict copies in place; another input size gives another v2 map.
-    cell.load_state_dict(_cell(v2, backend).state_dict())
-    x2 = torch.randn(1, 3, 6, 11)
+    check()
+    for p in cell.parameters():  # an EMA teacher's update: the version counter does not move
+        p.data.mul_(0.9).add_(0.05)
+    check()
+    fused = torch.optim.Adam(cell.parameters(), lr=0.1, fused=True)
+    for p in cell.parameters():
+        p.grad = torch.randn_like(p)
+    fused.step()
+    check()
+    cell.load_state_dict(_cell(v2, backend).state_dict())  # copies in place
+    check()
+    x2 = torch.randn(1, 3, 6, 11)  # another input size: another v2 gate map
     with torch.no_grad():
-        torch.testing.assert_close(cell(x), _module_reference(cell, x))
         torch.testing.assert_close(cell(x2), _module_reference(cell, x2))
 
 

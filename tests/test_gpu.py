@@ -77,8 +77,8 @@ def test_cuda_graph_training_step_carries_state(backend, v2):
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_graph_eval_shortcut(backend, v2):
-    # The eval shortcut's cached weights (and v2's gate map) are made in the warm-up call, so
-    # the captured graph only runs the shortcut; a replay must equal an eager eval call.
+    # The captured graph takes the gate rows (and v2's gate map) from the parameters and runs
+    # the shortcut; a replay must equal an eager eval call.
     model = _model(v2, backend).eval()
     static_x = torch.randn(4, 3, 9, 7, device="cuda")
     with torch.no_grad():
