@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,14 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 def _same_device(name: str, t: Tensor, x: Tensor) -> None:
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _same_dtype(name: str, t: Tensor, weight: Tensor) -> None:
+    # Under autocast every parameter stays in its own (float32) dtype, so they still agree.
+    if t.dtype != weight.dtype:
+        raise TypeError(
+            f"{name} is {t.dtype} but weight is {weight.dtype}; the parameters must share one dtype"
+        )
 
 
 def _int(name: str, v: object, low: int) -> int:
@@ -48,6 +58,8 @@ def check_cell_inputs(
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     b, cin, h, w = x.shape
+    if cin == 0:
+        raise ValueError(f"x has no channels: shape {_shape(x)}")
     in_ch = 2 * cin if v2 else cin
     expected_w = f"(4*Cout, {in_ch}, k, k)"
     if weight.dim() != 4 or weight.shape[0] % 4 or weight.shape[0] == 0 or weight.shape[2] != weight.shape[3]:
@@ -65,8 +77,12 @@ def check_cell_inputs(
     if bias is not None:
         _tensor("bias", bias)
         if _shape(bias) != (4 * cout,):
-            raise ValueError(f"bias must have shape ({4 * cout},) = (4*Cout,), got {_shape(bias)}")
+            raise ValueError(
+                f"bias must have shape (4*Cout,) = ({4 * cout},) for weight {_shape(weight)} "
+                f"(Cout = {cout}), got {_shape(bias)}"
+            )
         _same_device("bias", bias, x)
+        _same_dtype("bias", bias, weight)
     ho, wo = conv_output_size(h, k, stride, padding), conv_output_size(w, k, stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"x's spatial size {h}x{w} is too small for kernel_size={k} with padding={padding}")
@@ -107,17 +123,20 @@ def check_v2_inputs(
             f"weight_rec must have shape (Cout, Cin, k, k) = {(cout, cin, k, k)}, got {_shape(weight_rec)}"
         )
     _same_device("weight_rec", weight_rec, x)
+    _same_dtype("weight_rec", weight_rec, weight)
     if bias_rec is not None:
         _tensor("bias_rec", bias_rec)
         if _shape(bias_rec) != (cin,):
             raise ValueError(f"bias_rec must have shape ({cin},) = (Cin,), got {_shape(bias_rec)}")
         _same_device("bias_rec", bias_rec, x)
+        _same_dtype("bias_rec", bias_rec, weight)
     if h_prev is not None:
         check_state("h_prev", h_prev, x, c_shape)
     if isinstance(h_alpha, Tensor):
         if h_alpha.numel() != 1 or not h_alpha.is_floating_point():
             raise ValueError(f"h_alpha must be a float or a 1-element float tensor, got {h_alpha!r}")
-    elif isinstance(h_alpha, bool) or not isinstance(h_alpha, (int, float)):
+        _same_device("h_alpha", h_alpha, x)
+    elif isinstance(h_alpha, bool) or not isinstance(h_alpha, numbers.Real):
         raise TypeError(f"h_alpha must be a float or a 0-dim tensor, got {type(h_alpha).__name__}")
 
 

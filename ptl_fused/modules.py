@@ -18,6 +18,7 @@ so gradients and the carried state are those of the un-checkpointed cell.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -231,8 +232,12 @@ class BConvCellV2(_BConvCellBase):
             backend,
             2 * in_channels,
         )
-        if hidden_momentum is not None and not 0.0 < hidden_momentum <= 1.0:
-            raise ValueError(f"hidden_momentum must be None or in (0, 1], got {hidden_momentum!r}")
+        if hidden_momentum is not None and (
+            isinstance(hidden_momentum, bool)
+            or not isinstance(hidden_momentum, numbers.Real)
+            or not 0.0 < hidden_momentum <= 1.0
+        ):
+            raise ValueError(f"hidden_momentum must be None or a number in (0, 1], got {hidden_momentum!r}")
         self.hidden_momentum = hidden_momentum
         k = kernel_size
         self.weight_rec = nn.Parameter(torch.empty(out_channels, in_channels, k, k))

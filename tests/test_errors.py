@@ -54,7 +54,14 @@ V1_CASES = [
         TypeError,
         "weight is torch.float64 but x is torch.float32",
     ),
-    (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(16,\)"),
+    (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(4\*Cout,\) = \(16,\) .* \(Cout = 4\)"),
+    (dict(bias=torch.randn(16).double()), TypeError, "bias is torch.float64 but weight is torch.float32"),
+    (
+        dict(bias=torch.ones(16, dtype=torch.long)),
+        TypeError,
+        "bias is torch.int64 but weight is torch.float32",
+    ),
+    (dict(x=torch.randn(2, 0, 7, 5), weight=torch.randn(16, 0, 3, 3)), ValueError, "x has no channels"),
     (
         dict(c_prev=torch.zeros(2, 4, 5, 5)),
         ValueError,
@@ -91,6 +98,14 @@ V2_CASES = [
     (dict(h_prev=torch.zeros(1, 4, 7, 5)), ValueError, r"h_prev must have shape .* got \(1, 4, 7, 5\)"),
     (dict(h_alpha=torch.ones(2)), ValueError, "h_alpha must be a float or a 1-element"),
     (dict(h_alpha="half"), TypeError, "h_alpha must be a float"),
+    (dict(h_alpha=True), TypeError, "h_alpha must be a float"),
+    (dict(h_alpha=torch.tensor(0.5, device="meta")), ValueError, "h_alpha is on meta but x is on cpu"),
+    (dict(weight_rec=torch.randn(4, 3, 3, 3).double()), TypeError, "weight_rec is torch.float64 but weight"),
+    (
+        dict(bias_rec=torch.randn(3).half()),
+        TypeError,
+        "bias_rec is torch.float16 but weight is torch.float32",
+    ),
 ]
 
 
@@ -98,6 +113,21 @@ V2_CASES = [
 def test_v2_bad_input(over, exc, msg):
     with pytest.raises(exc, match=msg):
         ops.bconv_cell_v2(**_v2(**over))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_h_alpha_is_a_constant_and_numpy_scalars_are_floats(backend):
+    # h_alpha gets no gradient on any backend; a numpy float32 is a float like any other.
+    import numpy as np
+
+    alpha = torch.tensor(0.25, requires_grad=True)
+    args = _v2(h_alpha=alpha)
+    args["x"].requires_grad_()
+    y, _, h = ops.bconv_cell_v2(**args, backend=backend)
+    (y.sum() + h.sum()).backward()
+    assert alpha.grad is None and args["x"].grad is not None
+    args["h_alpha"] = np.float32(0.25)
+    torch.testing.assert_close(ops.bconv_cell_v2(**args, backend=backend)[2], h.detach())
 
 
 def test_unknown_backend_lists_available():

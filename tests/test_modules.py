@@ -145,8 +145,9 @@ def test_constructor_errors():
         BConvCell(3, 4, backend="fast")
     with pytest.raises(ValueError, match="out_channels must be an int >= 1"):
         BConvCell(3, 0)
-    with pytest.raises(ValueError, match="hidden_momentum"):
-        BConvCellV2(3, 4, hidden_momentum=1.5)
+    for bad in (1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="hidden_momentum must be None or a number in"):
+            BConvCellV2(3, 4, hidden_momentum=bad)
 
 
 def test_parameter_shapes_and_defaults():
