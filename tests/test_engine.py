@@ -3,6 +3,7 @@ checkpoint errors, sequential fine-tuning and STD, with a tiny stand-in network 
 
 from __future__ import annotations
 
+import re
 from collections import namedtuple
 from pathlib import Path
 
@@ -108,6 +109,15 @@ def test_every_bundled_config_loads():
     assert "digits" in names
     for name in names:
         load_config(name)
+
+
+def test_a_config_path_that_does_not_exist_is_an_error_not_the_bundled_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no digits.yaml here; the bundled one has that name
+    for name in (str(tmp_path / "digits.yaml"), "digits.yaml", "digits.yml", "configs/digits"):
+        with pytest.raises(ConfigError, match=rf"^config file not found: {re.escape(name)}$"):
+            load_config(name)
+    (tmp_path / "mine.yml").write_text("seed: 3\n")
+    assert load_config("mine.yml")["seed"] == 3 and load_config("digits")["job"] == "digits_transfer"
 
 
 def test_missing_dataset_root_names_the_path_and_layout(tmp_path):

@@ -9,6 +9,7 @@ differs from them.
 from __future__ import annotations
 
 import copy
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,23 @@ def config_dir() -> Path:
     return Path(str(resources.files("ptl_fused") / "configs"))
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
 def resolve_config_path(name: str | Path) -> Path:
-    """A path as given, or the name of a bundled config ("digits" or "digits.yaml")."""
+    """A YAML file, or the name of a bundled config ("digits").
+
+    A name that looks like a path (it holds a "/" or ends with .yaml/.yml) is a file and must
+    exist: it never falls back to the bundled config of the same name, which would silently train
+    another experiment than the file the user meant.
+    """
     path = Path(name)
     if path.is_file():
         return path
-    bundled = config_dir() / (path.name if path.suffix else f"{path.name}.yaml")
+    text = str(name)
+    if "/" in text or os.sep in text or path.suffix.lower() in CONFIG_SUFFIXES:
+        raise ConfigError(f"config file not found: {text}")
+    bundled = config_dir() / f"{path.name}.yaml"
     if bundled.is_file():
         return bundled
     names = sorted(p.stem for p in config_dir().glob("*.yaml"))
