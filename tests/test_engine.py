@@ -104,6 +104,23 @@ def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones():
         load_config(None, ["stages=[{model: {cell: v2}}]"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.step_size=0", "optim.step_size must be >= 1, got 0"),
+        ("optim.epochs=0", "optim.epochs must be >= 1, got 0"),
+        ("optim.epochs=-2", "optim.epochs must be >= 1, got -2"),
+        ("data.num_instances=0", "data.num_instances must be >= 1, got 0"),
+        ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+        ("digits.transfer_epochs=0", "digits.transfer_epochs must be >= 1, got 0"),
+        ("stages=[{}, {optim: {step_size: 0}}]", "stages[1]: optim.step_size must be >= 1, got 0"),
+    ],
+)
+def test_counts_below_their_minimum_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config(None, ["loss.triplet=true", override])
+
+
 def test_every_bundled_config_loads():
     names = sorted(p.stem for p in config_dir().glob("*.yaml"))
     assert "digits" in names

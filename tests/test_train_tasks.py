@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,17 @@ def test_reid_epoch_on_a_fake_market_folder(tmp_path, triplet):
     model.load_state_dict(torch.load(Path(cfg["out"]) / "weights.pt"))
     m_ap, rank1 = hand_map_rank1(model.eval(), root, 16, 8)
     assert final["test_mAP"] == pytest.approx(m_ap, abs=1e-4) and final["test_rank1"] == pytest.approx(rank1)
+
+
+def test_too_few_identities_for_a_pk_batch_says_how_p_is_made(tmp_path):
+    root = fake_market(tmp_path / "Market-1501")  # 4 training identities
+    cfg = load_config(
+        "market1501_mgn_ptl",  # loss.triplet: PK batches
+        [f"data.root={root}", f"out={tmp_path / 'out'}", "data.batch_size=16", "data.num_instances=2"],
+    )
+    how = "p = data.batch_size // data.num_instances = 16 // 2 = 8"
+    with pytest.raises(ValueError, match=re.escape(how) + ".* has only 4 identities"):
+        run(cfg, build=tiny_build, verbose=False)
 
 
 def hand_map_rank1(model, root: Path, height: int, width: int) -> tuple[float, float]:

@@ -92,6 +92,19 @@ CHOICES: dict[str, tuple] = {
     "model.head": ("reid", "classification"),
     "ddp.state_sync": ("none", "mean"),
 }
+# Integer settings and their smallest valid value (0 or a negative count has no meaning: a
+# division by zero, an empty run or an empty batch further on).
+MINIMUMS: dict[str, int] = {
+    "optim.epochs": 1,
+    "optim.step_size": 1,
+    "data.batch_size": 1,
+    "data.num_instances": 1,
+    "data.num_workers": 0,
+    "eval.every": 0,
+    "digits.pretrain_epochs": 1,
+    "digits.transfer_epochs": 1,
+    "digits.shots": 1,
+}
 FREE_FORM = {"model.kwargs", "quick"}  # dicts whose keys are not checked here
 STAGE_SECTIONS = ("data", "optim", "loss", "std", "eval")
 
@@ -189,6 +202,9 @@ def validate(cfg: dict) -> None:
     for key, allowed in CHOICES.items():
         if get(cfg, key) not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {get(cfg, key)!r}")
+    for key, low in MINIMUMS.items():
+        if get(cfg, key) < low:
+            raise ConfigError(f"{key} must be >= {low}, got {get(cfg, key)}")
     if not 0.0 <= cfg["std"]["lam"] <= 1.0:
         raise ConfigError(f"std.lam must be in [0, 1], got {cfg['std']['lam']}")
     for i, stage in enumerate(cfg["stages"]):
@@ -199,7 +215,10 @@ def validate(cfg: dict) -> None:
             raise ConfigError(
                 f"stages[{i}]: unknown sections {sorted(bad)}; a stage may set {', '.join(STAGE_SECTIONS)}"
             )
-        validate(stage_config(cfg, i))
+        try:
+            validate(stage_config(cfg, i))
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}]: {e}") from None
 
 
 def stage_config(cfg: dict, index: int) -> dict:

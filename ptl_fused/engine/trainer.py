@@ -184,6 +184,15 @@ def make_train_loader(task: Task, cfg: dict, info: DistInfo, device: torch.devic
 
         k = d["num_instances"]
         p = max(2, batch_size // k)
+        num_ids = len(set(task.train_labels))
+        if num_ids < p:
+            how = f"data.batch_size // data.num_instances = {batch_size} // {k}"
+            how = f"{how} = {p}" if batch_size // k >= 2 else f"max(2, {how}) = 2"
+            raise ValueError(
+                f"loss.triplet: each batch holds p identities x k = data.num_instances images, with p = "
+                f"{how}, but the {task.name} training set has only {num_ids} identities; lower "
+                "data.batch_size or raise data.num_instances"
+            )
         batch_size = p * k
         sampler = PKSampler(
             task.train_labels, p=p, k=k, seed=cfg["seed"], num_replicas=info.world, rank=info.rank
