@@ -144,6 +144,10 @@ def test_missing_dataset_root_names_the_path_and_layout(tmp_path):
     cfg = load_config(None, ["data.name=cifar100", f"data.root={tmp_path}", f"out={tmp_path / 'o'}"])
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python"):
         run(cfg, build=tiny_build)
+    (tmp_path / "a_file").write_text("")
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={tmp_path / 'a_file'}", f"out={tmp_path}"])
+    with pytest.raises(NotADirectoryError, match=r"a_file is not a directory; it must be a folder holding"):
+        run(cfg, build=tiny_build)
 
 
 # --- one epoch, state rules ------------------------------------------------------------------

@@ -166,6 +166,8 @@ def require_root(root: str | None, layout: str) -> Path:
     if root is None:
         raise FileNotFoundError(f"data.root is not set; point it at {layout}")
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"data.root={path} is not a directory; it must be {layout}")
     if not path.is_dir():
         raise FileNotFoundError(f"data.root={path} does not exist; it must be {layout}")
     return path
