@@ -116,6 +116,60 @@ def test_reid_epoch_on_a_fake_market_folder(tmp_path, triplet):
     assert final["test_mAP"] == pytest.approx(m_ap, abs=1e-4) and final["test_rank1"] == pytest.approx(rank1)
 
 
+def reid_overrides(root: Path, out: Path) -> list[str]:
+    """A 16x8 one-epoch run with the stand-in network."""
+    return [
+        f"data.root={root}",
+        f"out={out}",
+        "data.height=16",
+        "data.width=8",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "optim.epochs=1",
+        "model.kwargs={in_channels: 3}",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
+
+
+def test_folder_dataset_trains_through_the_engine(tmp_path):
+    from PIL import Image
+
+    layout = {
+        "train": [(p, c) for p in (0, 1, 2) for c in (0, 1)],
+        "query": [(7, 0)],
+        "gallery": [(7, 1), (8, 1)],
+    }
+    for split, items in layout.items():
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i, (pid, cam) in enumerate(items):
+            Image.new("RGB", (8, 16), (40 * pid, 20 * i, 100)).save(
+                tmp_path / "data" / split / f"{pid}_{cam}_{i}.jpg"
+            )
+    cfg = load_config(None, ["data.name=folder", *reid_overrides(tmp_path / "data", tmp_path / "out")])
+    (stage,) = run(cfg, build=tiny_build, verbose=False)["stages"]
+    assert stage["dataset"] == "folder" and stage["num_classes"] == 3
+    assert stage["info"] == {"train_images": 6, "query": 1, "gallery": 2}
+    assert 0.0 <= stage["final"]["test_mAP"] <= 100.0
+
+
+def test_cuhk03_labeled_or_detected_boxes(tmp_path):
+    from test_reid_data import _cuhk03
+
+    from ptl_fused.engine.reid_task import reid_task
+
+    _cuhk03(tmp_path, "labeled")  # only the labelled images and split
+    cfg = load_config(
+        "cuhk03_resnet50_ptl", [*reid_overrides(tmp_path, tmp_path / "out"), "data.cuhk03_labeled=true"]
+    )
+    task = reid_task(cfg)
+    assert task.num_classes == 2 and all("images_labeled" in path for path, _, _ in task.train_set.items)
+    cfg = load_config("cuhk03_resnet50_ptl", reid_overrides(tmp_path, tmp_path / "out"))
+    assert cfg["data"]["cuhk03_labeled"] is False  # the default: detected boxes, as before
+    with pytest.raises(FileNotFoundError, match="images_detected"):
+        reid_task(cfg)
+
+
 def test_too_few_identities_for_a_pk_batch_says_how_p_is_made(tmp_path):
     root = fake_market(tmp_path / "Market-1501")  # 4 training identities
     cfg = load_config(

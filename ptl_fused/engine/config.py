@@ -25,7 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda
     "amp": "bf16",  # bf16 | fp16 | off; always off on the CPU
     "data": {
-        # digits | cifar10 | cifar100 | market1501 | dukemtmc | msmt17 | cuhk03
+        # digits | cifar10 | cifar100 | market1501 | dukemtmc | msmt17 | cuhk03 | folder
+        # (folder: root/{train,query,gallery}/PID_CAMID_*.jpg, see ptl_fused.reid.datasets)
         "name": "market1501",
         "root": None,  # local dataset folder (nothing downloads)
         "height": 256,
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,  # CIFAR "+": pad 4, random crop, flip; ReID: flip, pad, crop
         "batch_size": 32,
         "num_instances": 4,  # images per identity in a PK batch (triplet loss)
+        "cuhk03_labeled": False,  # cuhk03: the hand-labelled boxes (images_labeled/), not detected
         "num_workers": 2,
         "classes": None,  # digits: the classes to use (relabelled 0..n-1); None = all
         "shots": None,  # digits: training images per class; None = all of the training half
@@ -87,7 +89,7 @@ CHOICES: dict[str, tuple] = {
     "job": ("train", "digits_transfer"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("bf16", "fp16", "off"),
-    "data.name": ("digits", "cifar10", "cifar100", "market1501", "dukemtmc", "msmt17", "cuhk03"),
+    "data.name": ("digits", "cifar10", "cifar100", "market1501", "dukemtmc", "msmt17", "cuhk03", "folder"),
     "model.cell": ("v1", "v2", None),
     "model.head": ("reid", "classification"),
     "ddp.state_sync": ("none", "mean"),

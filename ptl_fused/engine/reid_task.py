@@ -17,6 +17,7 @@ LAYOUTS = {
     "msmt17": "the extracted MSMT17 folder (train/, test/ and the list_*.txt files)",
     "cuhk03": "the CUHK03 folder, new protocol (images_detected/ and images_labeled/, extracted "
     "as torchreid names them, or cuhk03_release/cuhk-03.mat, plus cuhk03_new_protocol_config_*.mat)",
+    "folder": "a folder of train/, query/ and gallery/ images named PID_CAMID_anything.jpg (camid 0-based)",
 }
 
 
@@ -54,7 +55,8 @@ def reid_task(cfg: dict) -> Task:
 
     d, name = cfg["data"], cfg["data"]["name"]
     root = require_root(d["root"], LAYOUTS[name])
-    data = build_reid_dataset(READER_NAMES.get(name, name), root, verbose=False)
+    kwargs = {"labeled": d["cuhk03_labeled"]} if name == "cuhk03" else {}
+    data = build_reid_dataset(READER_NAMES.get(name, name), root, verbose=False, **kwargs)
     train = ImageDataset(data.train, build_transforms(d["height"], d["width"], is_train=d["augment"]))
     test_tf = build_transforms(d["height"], d["width"], is_train=False)
     query, gallery = (
