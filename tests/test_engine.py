@@ -426,6 +426,30 @@ def test_std_student_has_no_ptl_modules(tmp_path):
     assert not any(k.startswith("cell.") for k in ckpt["model"]), "no teacher/cell weights in the checkpoint"
 
 
+def build_reading_pretrained(model_cfg: dict, n: int) -> nn.Module:
+    """tiny_build that, like build_model, reads model.pretrained when one is named."""
+    if model_cfg["pretrained"] is not None:
+        torch.load(model_cfg["pretrained"])  # FileNotFoundError once the file is gone
+    return tiny_build(model_cfg, n)
+
+
+def test_teacher_and_resumed_run_do_not_need_the_pretrained_file_any_more(tmp_path, monkeypatch):
+    weights = tmp_path / "backbone.pth"
+    torch.save({}, weights)
+    cfg = digits_cfg(tmp_path / "teacher", "optim.epochs=2", f"model.pretrained={weights}")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(Interrupt):
+            run(cfg, build=build_reading_pretrained, verbose=False)
+    weights.unlink()  # moved away, or the run copied to another machine
+    ckpt = Path(cfg["out"]) / "last.pt"
+    teacher = trainer.load_teacher(ckpt, build_reading_pretrained, torch.device("cpu"))
+    saved = load_checkpoint(ckpt)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())
+    res = run(cfg, resume="auto", build=build_reading_pretrained, verbose=False)
+    assert [r["epoch"] for r in res["stages"][0]["history"]] == [1, 2]
+
+
 # --- command line ----------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -55,6 +56,17 @@ def build_model_from_config(model_cfg: dict, num_classes: int) -> nn.Module:
         pretrained=model_cfg["pretrained"],
         **model_cfg["kwargs"],
     )
+
+
+def build_for_checkpoint(build: ModelFactory, model_cfg: dict, num_classes: int) -> nn.Module:
+    """The network whose every weight is then loaded from a checkpoint (a resumed run, an STD
+    teacher): built without model.pretrained, whose file need not exist any more and would be
+    overwritten anyway; the 'randomly initialised' warning would be wrong, so it is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*pretrained=None, so the backbone is randomly initialised"
+        )
+        return build({**model_cfg, "pretrained": None}, num_classes)
 
 
 def identity(cfg: dict, num_classes: int) -> dict:
@@ -135,12 +147,14 @@ def run(
         scfg = stage_config(cfg, s)
         seed_everything(scfg["seed"] + info.rank)  # DDP broadcasts rank 0's initial weights
         task = build_task(scfg, device)
-        if model is None:
+        resume_here = (ckpt, ckpt_path) if s == first and ckpt is not None else None
+        if model is None and resume_here is not None:  # every weight comes from the checkpoint
+            model = build_for_checkpoint(build, scfg["model"], task.num_classes)
+        elif model is None:
             model = build(scfg["model"], task.num_classes)
         else:  # sequential fine-tuning: a new classifier, the backbone and cells are kept
             model.reset_classifier(task.num_classes)
         model.to(device)
-        resume_here = (ckpt, ckpt_path) if s == first and ckpt is not None else None
         result = train_stage(
             model, task, scfg, s, stage_folder(cfg, s), device, info, resume_here, build, results, verbose
         )
@@ -169,7 +183,7 @@ def make_criterion(
 def load_teacher(path: str | Path, build: ModelFactory, device: torch.device) -> nn.Module:
     """A trained network from an engine checkpoint, frozen and in eval mode (no state carry)."""
     ckpt = load_checkpoint(path)
-    teacher = build(ckpt["config"]["model"], ckpt["meta"]["num_classes"])
+    teacher = build_for_checkpoint(build, ckpt["config"]["model"], ckpt["meta"]["num_classes"])
     load_model_state(teacher, ckpt["model"], path)
     return teacher.to(device).eval().requires_grad_(False)
 
