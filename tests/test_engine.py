@@ -301,6 +301,44 @@ def trained(tmp_path):
     return cfg, Path(cfg["out"]) / "last.pt"
 
 
+def test_resume_refuses_changed_training_settings_and_may_extend_epochs(trained, tmp_path):
+    cfg, path = trained  # 1 epoch, lr 0.05, step_size 1
+    config_yaml = Path(cfg["out"]) / "config.yaml"
+    before = config_yaml.read_text()
+    changed = digits_cfg(
+        tmp_path, "optim.epochs=3", "optim.lr=0.1", "optim.step_size=3", "optim.momentum=0.5"
+    )
+    with pytest.raises(CheckpointError) as e:
+        run(changed, resume="auto", build=tiny_build, verbose=False)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot resume from {path}: ") and "\n" not in msg
+    for diff in ("optim.lr: checkpoint 0.05, requested 0.1", "optim.momentum: checkpoint 0.9, requested 0.5"):
+        assert diff in msg
+    assert "optim.step_size: checkpoint 1, requested 3" in msg and "optim.epochs:" not in msg
+    assert "Drop these overrides" in msg and "another out=" in msg
+    assert config_yaml.read_text() == before, "config.yaml still describes the saved run"
+    # optim.epochs may grow: the run goes on exactly as one planned with 3 epochs from the start.
+    extended = run(digits_cfg(tmp_path, "optim.epochs=3"), resume="auto", build=tiny_build, verbose=False)
+    fresh = run(digits_cfg(tmp_path / "fresh", "optim.epochs=3"), build=tiny_build, verbose=False)
+    wa, wb = (torch.load(Path(r["out"]) / "weights.pt") for r in (extended, fresh))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "epochs: 3" in config_yaml.read_text()
+    with pytest.raises(CheckpointError, match="optim.epochs: the checkpoint has 3 epochs done, requested 2"):
+        run(digits_cfg(tmp_path, "optim.epochs=2"), resume="auto", build=tiny_build, verbose=False)
+
+
+def test_resume_refuses_changes_to_a_finished_stage(tmp_path):
+    stages = "stages=[{data: {classes: [0,1,2]}}, {data: {classes: [3,4]}}]"
+    cfg = digits_cfg(tmp_path, "optim.epochs=1", stages)
+    run(cfg, build=tiny_build, verbose=False)  # the last checkpoint is stage 2's
+    later = "stages=[{data: {classes: [0,1,2]}, optim: {lr: 0.2, epochs: 2}}, {data: {classes: [3,4]}}]"
+    with pytest.raises(CheckpointError) as e:
+        run(digits_cfg(tmp_path, "optim.epochs=1", later), resume="auto", build=tiny_build, verbose=False)
+    assert "stage 1 optim.lr: checkpoint 0.05, requested 0.2" in str(e.value)
+    assert "stage 1 optim.epochs: checkpoint 1, requested 2" in str(e.value)
+    assert "stage 2" not in str(e.value)
+
+
 def test_truncated_and_corrupt_checkpoints_name_the_file(trained, tmp_path):
     cfg, path = trained
     data = path.read_bytes()
@@ -325,18 +363,24 @@ def test_mismatched_checkpoint_names_the_file_and_mismatch(trained, tmp_path):
     other_classes = digits_cfg(tmp_path / "x", "data.classes=[0,1,2,3]", "optim.epochs=1")
     with pytest.raises(
         CheckpointError,
-        match=r"last.pt was saved for another model; num_classes: checkpoint has 3, this run has 4",
+        match=r"cannot resume from .*last.pt: .*data.classes: checkpoint \[0, 1, 2\], requested \[0, 1, 2, 3",
     ):
         run(other_classes, resume=str(path), build=tiny_build)
     other_model = digits_cfg(tmp_path / "y", "model.cell=v2", "optim.epochs=1")
-    with pytest.raises(
-        CheckpointError,
-        match=r"last.pt was saved for another model; cell: checkpoint has 'v1', this run has 'v2'",
-    ):
+    with pytest.raises(CheckpointError, match=r"model.cell: checkpoint 'v1', requested 'v2'"):
         run(other_model, resume=str(path), build=tiny_build)
     other_arch = digits_cfg(tmp_path / "z", "model.arch=resnet50", "optim.epochs=1")
-    with pytest.raises(CheckpointError, match=r"arch: checkpoint has 'tiny', this run has 'resnet50'"):
+    with pytest.raises(CheckpointError, match=r"model.arch: checkpoint 'tiny', requested 'resnet50'"):
         run(other_arch, resume=str(path), build=tiny_build)
+    # Same settings, but the data now has another number of classes (a moved data.root, say).
+    ckpt = load_checkpoint(path)
+    ckpt["meta"]["num_classes"] = 4
+    torch.save(ckpt, tmp_path / "four.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"four.pt was saved for another model; num_classes: checkpoint has 4, this run has 3",
+    ):
+        run(cfg, resume=str(tmp_path / "four.pt"), build=tiny_build)
 
 
 def test_interrupted_write_keeps_the_last_good_checkpoint(trained, monkeypatch):

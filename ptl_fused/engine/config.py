@@ -109,6 +109,24 @@ MINIMUMS: dict[str, int] = {
 }
 FREE_FORM = {"model.kwargs", "quick"}  # dicts whose keys are not checked here
 STAGE_SECTIONS = ("data", "optim", "loss", "std", "eval")
+# What may differ from the checkpoint's config when a run is resumed (a key, or a section and
+# everything under it): where the files are, how the run is watched and evaluated, the device,
+# and optim.epochs of the stage being resumed (to extend it). Every other setting shapes the
+# training itself, so a resumed run must have the checkpoint's (see checkpoint.check_resume).
+RESUME_MAY_CHANGE = (
+    "name",
+    "out",
+    "device",
+    "deterministic",
+    "data.root",
+    "data.num_workers",
+    "optim.epochs",
+    "eval",
+    "train.progress",
+    "train.tensorboard",
+    "quick",  # a recipe of overrides; what it set is compared key by key
+    "digits",  # the main job's plan; what it sets in each run is compared key by key
+)
 
 
 class ConfigError(ValueError):
@@ -234,6 +252,35 @@ def stage_config(cfg: dict, index: int) -> dict:
 
 def num_stages(cfg: dict) -> int:
     return max(1, len(cfg["stages"]))
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim.lr": 0.01, ...}: every leaf by its dotted key (FREE_FORM dicts are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and full not in FREE_FORM:
+            out |= flatten(value, f"{full}.")
+        else:
+            out[full] = value
+    return out
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE)
+
+
+def resume_differences(saved: dict, requested: dict, keep: tuple[str, ...] = ()) -> list[tuple]:
+    """(key, saved value, requested value) for every setting of `requested` that differs from
+    `saved` (a checkpoint's config) and may not change on resume (RESUME_MAY_CHANGE, less the
+    keys in `keep`). A key the saved config lacks (written before the key existed) counts as
+    its default."""
+    old, defaults = flatten(saved), flatten(DEFAULTS)
+    return [
+        (key, old.get(key, defaults.get(key)), value)
+        for key, value in flatten(requested).items()
+        if (key in keep or not may_change_on_resume(key)) and old.get(key, defaults.get(key)) != value
+    ]
 
 
 def _check_types(cfg: dict, ref: dict, prefix: str) -> None:

@@ -29,6 +29,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_save,
     check_identity,
+    check_resume,
     load_checkpoint,
     load_model_state,
     restore_rng,
@@ -131,9 +132,6 @@ def run(
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     out = Path(cfg["out"])
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump(cfg))
     ckpt_path = find_resume(cfg, resume)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     first = ckpt["stage"] if ckpt is not None else 0
@@ -141,6 +139,11 @@ def run(
         raise CheckpointError(
             f"checkpoint {ckpt_path} is from stage {first}; this config has {num_stages(cfg)}"
         )
+    if ckpt is not None:  # before config.yaml: it must describe what runs
+        check_resume(ckpt, ckpt_path, cfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump(cfg))
     results = list(ckpt.get("previous_stages", [])) if ckpt is not None else []
     model = None
     for s in range(first, num_stages(cfg)):
@@ -156,7 +159,18 @@ def run(
             model.reset_classifier(task.num_classes)
         model.to(device)
         result = train_stage(
-            model, task, scfg, s, stage_folder(cfg, s), device, info, resume_here, build, results, verbose
+            model,
+            task,
+            scfg,
+            s,
+            stage_folder(cfg, s),
+            device,
+            info,
+            resume_here,
+            build,
+            results,
+            verbose,
+            cfg,
         )
         results.append(result)
     if info.is_main:
@@ -240,8 +254,10 @@ def train_stage(
     build: ModelFactory,
     previous: list[dict],
     verbose: bool = True,
+    run_cfg: dict | None = None,
 ) -> dict:
-    """Train one dataset for cfg['optim']['epochs'] epochs; returns its history and results."""
+    """Train one dataset for cfg['optim']['epochs'] epochs; returns its history and results.
+    cfg: the stage's config; run_cfg: the whole run's (saved in the checkpoints)."""
     o, ident = cfg["optim"], identity(cfg, task.num_classes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -314,6 +330,7 @@ def train_stage(
                 config=cfg,
                 history=history,
                 previous_stages=previous,
+                run_config=run_cfg if run_cfg is not None else cfg,
             )
             if verbose:
                 tqdm.write(f"[{task.name}] " + "  ".join(_fmt(k, v) for k, v in row.items()))
