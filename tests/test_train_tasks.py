@@ -170,6 +170,25 @@ def test_cuhk03_labeled_or_detected_boxes(tmp_path):
         reid_task(cfg)
 
 
+def test_query_without_any_gallery_match_stops_before_training(tmp_path, monkeypatch):
+    import ptl_fused.engine.trainer as trainer
+
+    root = fake_market(tmp_path / "Market-1501")
+    # The gallery keeps ids 11-13 by camera 2 only, and the query moves to camera 2: no true match.
+    for f in (root / "bounding_box_test").glob("001[123]_c3*.jpg"):
+        f.unlink()
+    for f in (root / "query").glob("*.jpg"):
+        f.rename(f.with_name(f.name.replace("_c1", "_c2")))
+    monkeypatch.setattr(trainer, "train_epoch", lambda *a: pytest.fail("trained before the check"))
+    cfg = load_config("market1501_resnet50_ptl", reid_overrides(root, tmp_path / "out"))
+    with pytest.raises(
+        ValueError,
+        match=r"^market1501 \(data.root=.*Market-1501\): no image of the query split has a true "
+        r"match in the gallery split .*query identities 11, 12, 13, of which 3 appear in the gallery",
+    ):
+        run(cfg, build=tiny_build, verbose=False)
+
+
 def test_too_few_identities_for_a_pk_batch_says_how_p_is_made(tmp_path):
     root = fake_market(tmp_path / "Market-1501")  # 4 training identities
     cfg = load_config(
