@@ -291,6 +291,58 @@ def test_resume_inside_a_sequential_run(tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def counting_evaluations(monkeypatch, fail_at: int | None = None) -> list[int]:
+    """Wrap every task's evaluate: record the calls, raise OSError at call number `fail_at`."""
+    real, calls = trainer.build_task, []
+
+    def build_task(*args):
+        task = real(*args)
+        evaluate = task.evaluate
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise OSError("cannot read image gallery/0001_c1.jpg")
+            return evaluate(*a)
+
+        task.evaluate = wrapped
+        return task
+
+    monkeypatch.setattr(trainer, "build_task", build_task)
+    return calls
+
+
+def test_failing_evaluation_loses_no_training_and_resume_evaluates_that_epoch(tmp_path, monkeypatch):
+    overrides = ("optim.epochs=3", "eval.every=1")
+    full = run(digits_cfg(tmp_path / "a", *overrides), build=tiny_build, verbose=False)
+    cfg = digits_cfg(tmp_path / "b", *overrides)
+    with monkeypatch.context() as m:
+        counting_evaluations(m, fail_at=2)  # the evaluation after epoch 2
+        with pytest.raises(OSError, match="cannot read image"):
+            run(cfg, build=tiny_build, verbose=False)
+    ckpt = load_checkpoint(Path(cfg["out"]) / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["pending_eval"], "epoch 2's training is saved"
+    assert "test_accuracy" in ckpt["history"][0] and "test_accuracy" not in ckpt["history"][1]
+    trained_epochs = []
+    with monkeypatch.context() as m:
+        evals = counting_evaluations(m)
+        real = trainer.train_epoch
+        m.setattr(trainer, "train_epoch", lambda *a: trained_epochs.append(a[-2]) or real(*a))
+        resumed = run(cfg, resume="auto", build=tiny_build, verbose=False)
+    assert trained_epochs == [2] and len(evals) == 2, "epoch 2 is evaluated, not retrained; then epoch 3"
+    drop = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert drop(resumed["stages"][0]["history"]) == drop(full["stages"][0]["history"])
+    wa, wb = (torch.load(Path(r["out"]) / "weights.pt") for r in (full, resumed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    header = (Path(cfg["out"]) / "log.csv").read_text().splitlines()[0].split(",")
+    assert header == list(full["stages"][0]["history"][0]), "log.csv columns in the usual order"
+    # A finished run resumed evaluates nothing again (its last checkpoint is complete).
+    with monkeypatch.context() as m:
+        evals = counting_evaluations(m)
+        again = run(cfg, resume="auto", build=tiny_build, verbose=False)
+    assert evals == [] and again["stages"][0]["history"] == resumed["stages"][0]["history"]
+
+
 # --- checkpoint errors -----------------------------------------------------------------------
 
 

@@ -91,11 +91,13 @@ def save_checkpoint(
     history: list[dict],
     previous_stages: list[dict] = (),
     run_config: dict | None = None,
+    pending_eval: bool = False,
 ) -> None:
     """Write the state after `epoch` (1-based, completed) of `stage`. meta: IDENTITY_KEYS;
     config: the stage's config; run_config: the whole run's (every stage; check_resume compares
     it with a resumed run's); previous_stages: the results of the stages before this one
-    (sequential fine-tuning)."""
+    (sequential fine-tuning); pending_eval: written before the epoch's evaluation (its metrics
+    are not in `history` yet, the RNG states are those the evaluation starts from)."""
     atomic_save(
         {
             "format": FORMAT,
@@ -111,6 +113,7 @@ def save_checkpoint(
             "run_config": run_config,
             "history": history,
             "previous_stages": list(previous_stages),
+            "pending_eval": pending_eval,
         },
         path,
     )

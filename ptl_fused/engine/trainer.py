@@ -291,6 +291,52 @@ def train_stage(
         restore_rng(resume[0]["rng"])  # last: building the loader etc. must not disturb it
     epochs, every = o["epochs"], cfg["eval"]["every"]
     sync = cfg["ddp"]["state_sync"] == "mean" and info.world > 1
+
+    def evaluated_at(epoch: int) -> bool:  # 0-based epoch
+        return (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == epochs
+
+    def save(epoch_done: int, pending_eval: bool) -> None:
+        save_checkpoint(
+            folder / "last.pt",
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            stage=stage,
+            epoch=epoch_done,
+            meta=ident,
+            config=cfg,
+            history=history,
+            previous_stages=previous,
+            run_config=run_cfg if run_cfg is not None else cfg,
+            pending_eval=pending_eval,
+        )
+
+    def evaluate(row: dict) -> None:
+        """The test metrics into `row` (the epoch's seconds grow by the evaluation's), then the
+        checkpoint again, now complete."""
+        t0 = time.perf_counter()
+        model.eval()  # the cells carry nothing in eval mode
+        metrics = task.evaluate(model, device, autocast)
+        model.train()
+        seconds = row.pop("seconds")
+        row |= {f"test_{k}": v for k, v in metrics.items()}
+        row["seconds"] = round(seconds + time.perf_counter() - t0, 3)
+        save(row["epoch"], pending_eval=False)
+
+    def report(row: dict) -> None:
+        log.write(history)
+        if verbose:
+            tqdm.write(f"[{task.name}] " + "  ".join(_fmt(k, v) for k, v in row.items()))
+
+    # The checkpoint of an epoch is written before its evaluation (pending_eval), so an
+    # evaluation that fails loses no training: the resumed run evaluates that epoch first, from
+    # the RNG state the evaluation started from, as the uninterrupted run did.
+    if resume is not None and resume[0].get("pending_eval") and start > 0 and evaluated_at(start - 1):
+        if info.is_main:
+            evaluate(history[-1])
+            report(history[-1])
+        barrier(info)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
@@ -310,30 +356,13 @@ def train_stage(
             sync,
         )
         scheduler.step()
-        if info.is_main and ((every > 0 and (epoch + 1) % every == 0) or epoch + 1 == epochs):
-            model.eval()  # the cells carry nothing in eval mode
-            row |= {f"test_{k}": v for k, v in task.evaluate(model, device, autocast).items()}
-            model.train()
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         if info.is_main:
-            log.write(history)
-            save_checkpoint(
-                folder / "last.pt",
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                stage=stage,
-                epoch=epoch + 1,
-                meta=ident,
-                config=cfg,
-                history=history,
-                previous_stages=previous,
-                run_config=run_cfg if run_cfg is not None else cfg,
-            )
-            if verbose:
-                tqdm.write(f"[{task.name}] " + "  ".join(_fmt(k, v) for k, v in row.items()))
+            save(epoch + 1, pending_eval=evaluated_at(epoch))
+            if evaluated_at(epoch):
+                evaluate(row)
+            report(row)
         barrier(info)
     result = {
         "stage": stage,
