@@ -400,8 +400,12 @@ def test_truncated_and_corrupt_checkpoints_name_the_file(trained, tmp_path):
         run(cfg, resume=str(bad), build=tiny_build)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all" * 10)
-    with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
+    with pytest.raises(CheckpointError, match="junk.pt cannot be read .*not a torch file of tensors") as e:
         load_checkpoint(junk)
+    assert "weights_only" not in str(e.value), "torch's advice to load untrusted code does not apply"
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt cannot be read .*EOFError: the file ends early$"):
+        load_checkpoint(tmp_path / "empty.pt")
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(2)}, plain)
     with pytest.raises(CheckpointError, match="plain.pt is not a ptl_fused engine checkpoint"):
@@ -565,6 +569,43 @@ def test_cli_reports_config_errors_and_trains_a_config_file(tmp_path, capsys, mo
     assert main([str(yaml_file), "--out", str(tmp_path / "o"), "train.tensorboard=false"]) == 0
     assert "[digits] epoch=1" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "o" / "last.pt")["meta"]["num_classes"] == 2
+
+
+def test_cli_user_errors_are_one_line_with_status_2_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    from ptl_fused.engine import cli
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all" * 10)
+    base = [
+        "job=train",
+        "data.name=digits",
+        "model.arch=tiny",
+        "model.head=classification",
+        "train.progress=false",
+    ]
+    monkeypatch.setattr(trainer, "build_model_from_config", tiny_build)
+    cases = [
+        ([*base, f"out={tmp_path}", "--resume", str(junk)], "checkpoint .*junk.pt cannot be read"),
+        (
+            ["cifar10_densenet100_ptl", f"data.root={tmp_path / 'nowhere'}"],
+            "data.root=.*nowhere does not exist",
+        ),
+        (["market1501_resnet50_ptl", f"data.root={junk}"], "data.root=.*junk.pt is not a directory"),
+        (["--resume", str(junk)], "the digits job runs many trainings"),  # a ValueError
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.fullmatch(f"ptl-train: error: {message}.*\n", err), err
+        assert "weights_only" not in err
+    monkeypatch.setattr(cli, "run", lambda cfg, resume=None: [][0])  # a bug: IndexError
+    with pytest.raises(IndexError):
+        cli.main(["market1501_resnet50_ptl"])
+    err = OSError(
+        "Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1\nOSError: cannot read image q.jpg (item 3)'
+    )
+    assert cli.one_line(err) == "OSError: cannot read image q.jpg (item 3)"
 
 
 def test_cli_pretrained_flag_sets_the_model_weights_path(monkeypatch, tmp_path):

@@ -35,7 +35,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .config import dump, num_stages, stage_config
+from .config import ConfigError, dump, num_stages, stage_config
 from .data import Task, build_task
 from .distributed import DistInfo, barrier, init_distributed, sync_cell_states
 from .logs import EpochLog
@@ -103,7 +103,7 @@ def seed_everything(seed: int) -> None:
 def pick_device(cfg: dict, info: DistInfo) -> torch.device:
     want = cfg["device"]
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
+        raise ConfigError("device=cuda was asked for, but torch sees no CUDA device")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(info.local_rank)
         return torch.device("cuda", info.local_rank)
