@@ -121,6 +121,14 @@ def test_counts_below_their_minimum_name_the_key(override, message):
         load_config(None, ["loss.triplet=true", override])
 
 
+def test_a_stage_float_written_1e_x_is_a_float():
+    from ptl_fused.engine.config import stage_config
+
+    cfg = load_config(None, ["stages=[{optim: {weight_decay: 1e-4, lr: 2e-3}}]"])  # YAML: strings
+    assert stage_config(cfg, 0)["optim"] == {**cfg["optim"], "weight_decay": 1e-4, "lr": 2e-3}
+    assert isinstance(stage_config(cfg, 0)["optim"]["lr"], float)
+
+
 def test_every_bundled_config_loads():
     names = sorted(p.stem for p in config_dir().glob("*.yaml"))
     assert "digits" in names

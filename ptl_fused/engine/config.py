@@ -242,11 +242,13 @@ def validate(cfg: dict) -> None:
 
 
 def stage_config(cfg: dict, index: int) -> dict:
-    """The config of stage `index`: the top level with the stage's sections merged in."""
+    """The config of stage `index`: the top level with the stage's sections merged in, typed
+    like the top level (a stage's `lr: 1e-3`, which YAML reads as a string, becomes a float)."""
     out = copy.deepcopy(cfg)
     out["stages"] = []
     if cfg["stages"]:
         merge(out, cfg["stages"][index], where=f"stages[{index}]")
+        _check_types(out, DEFAULTS, "")
     return out
 
 
