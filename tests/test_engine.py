@@ -595,10 +595,13 @@ def test_cli_user_errors_are_one_line_with_status_2_bugs_keep_their_traceback(tm
     cases = [
         ([*base, f"out={tmp_path}", "--resume", str(junk)], "checkpoint .*junk.pt cannot be read"),
         (
-            ["cifar10_densenet100_ptl", f"data.root={tmp_path / 'nowhere'}"],
+            ["cifar10_densenet100_ptl", f"data.root={tmp_path / 'nowhere'}", f"out={tmp_path / 'c'}"],
             "data.root=.*nowhere does not exist",
         ),
-        (["market1501_resnet50_ptl", f"data.root={junk}"], "data.root=.*junk.pt is not a directory"),
+        (
+            ["market1501_resnet50_ptl", f"data.root={junk}", f"out={tmp_path / 'm'}"],
+            "data.root=.*junk.pt is not a directory",
+        ),
         (["--resume", str(junk)], "the digits job runs many trainings"),  # a ValueError
     ]
     for argv, message in cases:
