@@ -3,6 +3,7 @@ checkpoint errors, sequential fine-tuning and STD, with a tiny stand-in network 
 
 from __future__ import annotations
 
+import re
 from collections import namedtuple
 from pathlib import Path
 
@@ -103,11 +104,45 @@ def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones():
         load_config(None, ["stages=[{model: {cell: v2}}]"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.step_size=0", "optim.step_size must be >= 1, got 0"),
+        ("optim.epochs=0", "optim.epochs must be >= 1, got 0"),
+        ("optim.epochs=-2", "optim.epochs must be >= 1, got -2"),
+        ("data.num_instances=0", "data.num_instances must be >= 1, got 0"),
+        ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+        ("digits.transfer_epochs=0", "digits.transfer_epochs must be >= 1, got 0"),
+        ("stages=[{}, {optim: {step_size: 0}}]", "stages[1]: optim.step_size must be >= 1, got 0"),
+    ],
+)
+def test_counts_below_their_minimum_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config(None, ["loss.triplet=true", override])
+
+
+def test_a_stage_float_written_1e_x_is_a_float():
+    from ptl_fused.engine.config import stage_config
+
+    cfg = load_config(None, ["stages=[{optim: {weight_decay: 1e-4, lr: 2e-3}}]"])  # YAML: strings
+    assert stage_config(cfg, 0)["optim"] == {**cfg["optim"], "weight_decay": 1e-4, "lr": 2e-3}
+    assert isinstance(stage_config(cfg, 0)["optim"]["lr"], float)
+
+
 def test_every_bundled_config_loads():
     names = sorted(p.stem for p in config_dir().glob("*.yaml"))
     assert "digits" in names
     for name in names:
         load_config(name)
+
+
+def test_a_config_path_that_does_not_exist_is_an_error_not_the_bundled_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no digits.yaml here; the bundled one has that name
+    for name in (str(tmp_path / "digits.yaml"), "digits.yaml", "digits.yml", "configs/digits"):
+        with pytest.raises(ConfigError, match=rf"^config file not found: {re.escape(name)}$"):
+            load_config(name)
+    (tmp_path / "mine.yml").write_text("seed: 3\n")
+    assert load_config("mine.yml")["seed"] == 3 and load_config("digits")["job"] == "digits_transfer"
 
 
 def test_missing_dataset_root_names_the_path_and_layout(tmp_path):
@@ -116,6 +151,10 @@ def test_missing_dataset_root_names_the_path_and_layout(tmp_path):
         run(cfg, build=tiny_build)
     cfg = load_config(None, ["data.name=cifar100", f"data.root={tmp_path}", f"out={tmp_path / 'o'}"])
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python"):
+        run(cfg, build=tiny_build)
+    (tmp_path / "a_file").write_text("")
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={tmp_path / 'a_file'}", f"out={tmp_path}"])
+    with pytest.raises(NotADirectoryError, match=r"a_file is not a directory; it must be a folder holding"):
         run(cfg, build=tiny_build)
 
 
@@ -260,6 +299,58 @@ def test_resume_inside_a_sequential_run(tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def counting_evaluations(monkeypatch, fail_at: int | None = None) -> list[int]:
+    """Wrap every task's evaluate: record the calls, raise OSError at call number `fail_at`."""
+    real, calls = trainer.build_task, []
+
+    def build_task(*args):
+        task = real(*args)
+        evaluate = task.evaluate
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise OSError("cannot read image gallery/0001_c1.jpg")
+            return evaluate(*a)
+
+        task.evaluate = wrapped
+        return task
+
+    monkeypatch.setattr(trainer, "build_task", build_task)
+    return calls
+
+
+def test_failing_evaluation_loses_no_training_and_resume_evaluates_that_epoch(tmp_path, monkeypatch):
+    overrides = ("optim.epochs=3", "eval.every=1")
+    full = run(digits_cfg(tmp_path / "a", *overrides), build=tiny_build, verbose=False)
+    cfg = digits_cfg(tmp_path / "b", *overrides)
+    with monkeypatch.context() as m:
+        counting_evaluations(m, fail_at=2)  # the evaluation after epoch 2
+        with pytest.raises(OSError, match="cannot read image"):
+            run(cfg, build=tiny_build, verbose=False)
+    ckpt = load_checkpoint(Path(cfg["out"]) / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["pending_eval"], "epoch 2's training is saved"
+    assert "test_accuracy" in ckpt["history"][0] and "test_accuracy" not in ckpt["history"][1]
+    trained_epochs = []
+    with monkeypatch.context() as m:
+        evals = counting_evaluations(m)
+        real = trainer.train_epoch
+        m.setattr(trainer, "train_epoch", lambda *a: trained_epochs.append(a[-2]) or real(*a))
+        resumed = run(cfg, resume="auto", build=tiny_build, verbose=False)
+    assert trained_epochs == [2] and len(evals) == 2, "epoch 2 is evaluated, not retrained; then epoch 3"
+    drop = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert drop(resumed["stages"][0]["history"]) == drop(full["stages"][0]["history"])
+    wa, wb = (torch.load(Path(r["out"]) / "weights.pt") for r in (full, resumed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    header = (Path(cfg["out"]) / "log.csv").read_text().splitlines()[0].split(",")
+    assert header == list(full["stages"][0]["history"][0]), "log.csv columns in the usual order"
+    # A finished run resumed evaluates nothing again (its last checkpoint is complete).
+    with monkeypatch.context() as m:
+        evals = counting_evaluations(m)
+        again = run(cfg, resume="auto", build=tiny_build, verbose=False)
+    assert evals == [] and again["stages"][0]["history"] == resumed["stages"][0]["history"]
+
+
 # --- checkpoint errors -----------------------------------------------------------------------
 
 
@@ -268,6 +359,44 @@ def trained(tmp_path):
     cfg = digits_cfg(tmp_path, "optim.epochs=1")
     run(cfg, build=tiny_build, verbose=False)
     return cfg, Path(cfg["out"]) / "last.pt"
+
+
+def test_resume_refuses_changed_training_settings_and_may_extend_epochs(trained, tmp_path):
+    cfg, path = trained  # 1 epoch, lr 0.05, step_size 1
+    config_yaml = Path(cfg["out"]) / "config.yaml"
+    before = config_yaml.read_text()
+    changed = digits_cfg(
+        tmp_path, "optim.epochs=3", "optim.lr=0.1", "optim.step_size=3", "optim.momentum=0.5"
+    )
+    with pytest.raises(CheckpointError) as e:
+        run(changed, resume="auto", build=tiny_build, verbose=False)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot resume from {path}: ") and "\n" not in msg
+    for diff in ("optim.lr: checkpoint 0.05, requested 0.1", "optim.momentum: checkpoint 0.9, requested 0.5"):
+        assert diff in msg
+    assert "optim.step_size: checkpoint 1, requested 3" in msg and "optim.epochs:" not in msg
+    assert "Drop these overrides" in msg and "another out=" in msg
+    assert config_yaml.read_text() == before, "config.yaml still describes the saved run"
+    # optim.epochs may grow: the run goes on exactly as one planned with 3 epochs from the start.
+    extended = run(digits_cfg(tmp_path, "optim.epochs=3"), resume="auto", build=tiny_build, verbose=False)
+    fresh = run(digits_cfg(tmp_path / "fresh", "optim.epochs=3"), build=tiny_build, verbose=False)
+    wa, wb = (torch.load(Path(r["out"]) / "weights.pt") for r in (extended, fresh))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "epochs: 3" in config_yaml.read_text()
+    with pytest.raises(CheckpointError, match="optim.epochs: the checkpoint has 3 epochs done, requested 2"):
+        run(digits_cfg(tmp_path, "optim.epochs=2"), resume="auto", build=tiny_build, verbose=False)
+
+
+def test_resume_refuses_changes_to_a_finished_stage(tmp_path):
+    stages = "stages=[{data: {classes: [0,1,2]}}, {data: {classes: [3,4]}}]"
+    cfg = digits_cfg(tmp_path, "optim.epochs=1", stages)
+    run(cfg, build=tiny_build, verbose=False)  # the last checkpoint is stage 2's
+    later = "stages=[{data: {classes: [0,1,2]}, optim: {lr: 0.2, epochs: 2}}, {data: {classes: [3,4]}}]"
+    with pytest.raises(CheckpointError) as e:
+        run(digits_cfg(tmp_path, "optim.epochs=1", later), resume="auto", build=tiny_build, verbose=False)
+    assert "stage 1 optim.lr: checkpoint 0.05, requested 0.2" in str(e.value)
+    assert "stage 1 optim.epochs: checkpoint 1, requested 2" in str(e.value)
+    assert "stage 2" not in str(e.value)
 
 
 def test_truncated_and_corrupt_checkpoints_name_the_file(trained, tmp_path):
@@ -279,8 +408,12 @@ def test_truncated_and_corrupt_checkpoints_name_the_file(trained, tmp_path):
         run(cfg, resume=str(bad), build=tiny_build)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all" * 10)
-    with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
+    with pytest.raises(CheckpointError, match="junk.pt cannot be read .*not a torch file of tensors") as e:
         load_checkpoint(junk)
+    assert "weights_only" not in str(e.value), "torch's advice to load untrusted code does not apply"
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt cannot be read .*EOFError: the file ends early$"):
+        load_checkpoint(tmp_path / "empty.pt")
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(2)}, plain)
     with pytest.raises(CheckpointError, match="plain.pt is not a ptl_fused engine checkpoint"):
@@ -294,18 +427,24 @@ def test_mismatched_checkpoint_names_the_file_and_mismatch(trained, tmp_path):
     other_classes = digits_cfg(tmp_path / "x", "data.classes=[0,1,2,3]", "optim.epochs=1")
     with pytest.raises(
         CheckpointError,
-        match=r"last.pt was saved for another model; num_classes: checkpoint has 3, this run has 4",
+        match=r"cannot resume from .*last.pt: .*data.classes: checkpoint \[0, 1, 2\], requested \[0, 1, 2, 3",
     ):
         run(other_classes, resume=str(path), build=tiny_build)
     other_model = digits_cfg(tmp_path / "y", "model.cell=v2", "optim.epochs=1")
-    with pytest.raises(
-        CheckpointError,
-        match=r"last.pt was saved for another model; cell: checkpoint has 'v1', this run has 'v2'",
-    ):
+    with pytest.raises(CheckpointError, match=r"model.cell: checkpoint 'v1', requested 'v2'"):
         run(other_model, resume=str(path), build=tiny_build)
     other_arch = digits_cfg(tmp_path / "z", "model.arch=resnet50", "optim.epochs=1")
-    with pytest.raises(CheckpointError, match=r"arch: checkpoint has 'tiny', this run has 'resnet50'"):
+    with pytest.raises(CheckpointError, match=r"model.arch: checkpoint 'tiny', requested 'resnet50'"):
         run(other_arch, resume=str(path), build=tiny_build)
+    # Same settings, but the data now has another number of classes (a moved data.root, say).
+    ckpt = load_checkpoint(path)
+    ckpt["meta"]["num_classes"] = 4
+    torch.save(ckpt, tmp_path / "four.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"four.pt was saved for another model; num_classes: checkpoint has 4, this run has 3",
+    ):
+        run(cfg, resume=str(tmp_path / "four.pt"), build=tiny_build)
 
 
 def test_interrupted_write_keeps_the_last_good_checkpoint(trained, monkeypatch):
@@ -395,6 +534,30 @@ def test_std_student_has_no_ptl_modules(tmp_path):
     assert not any(k.startswith("cell.") for k in ckpt["model"]), "no teacher/cell weights in the checkpoint"
 
 
+def build_reading_pretrained(model_cfg: dict, n: int) -> nn.Module:
+    """tiny_build that, like build_model, reads model.pretrained when one is named."""
+    if model_cfg["pretrained"] is not None:
+        torch.load(model_cfg["pretrained"])  # FileNotFoundError once the file is gone
+    return tiny_build(model_cfg, n)
+
+
+def test_teacher_and_resumed_run_do_not_need_the_pretrained_file_any_more(tmp_path, monkeypatch):
+    weights = tmp_path / "backbone.pth"
+    torch.save({}, weights)
+    cfg = digits_cfg(tmp_path / "teacher", "optim.epochs=2", f"model.pretrained={weights}")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(Interrupt):
+            run(cfg, build=build_reading_pretrained, verbose=False)
+    weights.unlink()  # moved away, or the run copied to another machine
+    ckpt = Path(cfg["out"]) / "last.pt"
+    teacher = trainer.load_teacher(ckpt, build_reading_pretrained, torch.device("cpu"))
+    saved = load_checkpoint(ckpt)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())
+    res = run(cfg, resume="auto", build=build_reading_pretrained, verbose=False)
+    assert [r["epoch"] for r in res["stages"][0]["history"]] == [1, 2]
+
+
 # --- command line ----------------------------------------------------------------------------
 
 
@@ -414,6 +577,46 @@ def test_cli_reports_config_errors_and_trains_a_config_file(tmp_path, capsys, mo
     assert main([str(yaml_file), "--out", str(tmp_path / "o"), "train.tensorboard=false"]) == 0
     assert "[digits] epoch=1" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "o" / "last.pt")["meta"]["num_classes"] == 2
+
+
+def test_cli_user_errors_are_one_line_with_status_2_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    from ptl_fused.engine import cli
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all" * 10)
+    base = [
+        "job=train",
+        "data.name=digits",
+        "model.arch=tiny",
+        "model.head=classification",
+        "train.progress=false",
+    ]
+    monkeypatch.setattr(trainer, "build_model_from_config", tiny_build)
+    cases = [
+        ([*base, f"out={tmp_path}", "--resume", str(junk)], "checkpoint .*junk.pt cannot be read"),
+        (
+            ["cifar10_densenet100_ptl", f"data.root={tmp_path / 'nowhere'}", f"out={tmp_path / 'c'}"],
+            "data.root=.*nowhere does not exist",
+        ),
+        (
+            ["market1501_resnet50_ptl", f"data.root={junk}", f"out={tmp_path / 'm'}"],
+            "data.root=.*junk.pt is not a directory",
+        ),
+        (["--resume", str(junk)], "the digits job runs many trainings"),  # a ValueError
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.fullmatch(f"ptl-train: error: {message}.*\n", err), err
+        assert "weights_only" not in err
+    monkeypatch.setattr(cli, "run", lambda cfg, resume=None: [][0])  # a bug: IndexError
+    with pytest.raises(IndexError):
+        cli.main(["market1501_resnet50_ptl"])
+    err = OSError(
+        "Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1\nOSError: cannot read image q.jpg (item 3)'
+    )
+    assert cli.one_line(err) == "OSError: cannot read image q.jpg (item 3)"
 
 
 def test_cli_pretrained_flag_sets_the_model_weights_path(monkeypatch, tmp_path):

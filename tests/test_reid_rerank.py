@@ -44,8 +44,8 @@ def _slow_re_rank(q_g, q_q, g_g, k1, k2, lam):
                 r_star |= rq
         z = sum(math.exp(-d[p][g]) for g in r_star)
         v.append([math.exp(-d[p][g]) / z if g in r_star else 0.0 for g in range(n)])
-    if k2 > 1:
-        v = [[sum(v[g][c] for g in order[p][:k2]) / k2 for c in range(n)] for p in range(n)]
+    if k2 > 1:  # the mean over the k2 nearest (all n points if n < k2)
+        v = [[np.mean([v[g][c] for g in order[p][:k2]]) for c in range(n)] for p in range(n)]
     out = np.zeros((nq, n - nq))
     for p in range(nq):
         for j in range(nq, n):
@@ -92,6 +92,17 @@ def test_matches_slow_implementation(seed, k1, k2, lam):
     dists = _clusters(seed, nq=5, ng=14)
     got = re_rank(*dists, k1=k1, k2=k2, lambda_value=lam)
     np.testing.assert_allclose(got, _slow_re_rank(*dists, k1, k2, lam), atol=2e-6)
+
+
+# Fewer points (query + gallery) than k1 + 1 and k2, the paper's defaults included.
+@pytest.mark.parametrize(
+    ("nq", "ng", "k1", "k2"), [(2, 3, 20, 6), (1, 2, 20, 6), (2, 2, 3, 5), (3, 4, 20, 2)]
+)
+def test_fewer_points_than_k1_or_k2_match_slow_implementation(nq, ng, k1, k2):
+    dists = _clusters(4, nq=nq, ng=ng)
+    got = re_rank(*dists, k1=k1, k2=k2)
+    assert got.shape == (nq, ng)
+    np.testing.assert_allclose(got, _slow_re_rank(*dists, k1, k2, 0.3), atol=2e-6)
 
 
 def test_lambda_one_is_normalised_distance_and_tensors_accepted():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,90 @@ def test_reid_epoch_on_a_fake_market_folder(tmp_path, triplet):
     model.load_state_dict(torch.load(Path(cfg["out"]) / "weights.pt"))
     m_ap, rank1 = hand_map_rank1(model.eval(), root, 16, 8)
     assert final["test_mAP"] == pytest.approx(m_ap, abs=1e-4) and final["test_rank1"] == pytest.approx(rank1)
+
+
+def reid_overrides(root: Path, out: Path) -> list[str]:
+    """A 16x8 one-epoch run with the stand-in network."""
+    return [
+        f"data.root={root}",
+        f"out={out}",
+        "data.height=16",
+        "data.width=8",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "optim.epochs=1",
+        "model.kwargs={in_channels: 3}",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
+
+
+def test_folder_dataset_trains_through_the_engine(tmp_path):
+    from PIL import Image
+
+    layout = {
+        "train": [(p, c) for p in (0, 1, 2) for c in (0, 1)],
+        "query": [(7, 0)],
+        "gallery": [(7, 1), (8, 1)],
+    }
+    for split, items in layout.items():
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i, (pid, cam) in enumerate(items):
+            Image.new("RGB", (8, 16), (40 * pid, 20 * i, 100)).save(
+                tmp_path / "data" / split / f"{pid}_{cam}_{i}.jpg"
+            )
+    cfg = load_config(None, ["data.name=folder", *reid_overrides(tmp_path / "data", tmp_path / "out")])
+    (stage,) = run(cfg, build=tiny_build, verbose=False)["stages"]
+    assert stage["dataset"] == "folder" and stage["num_classes"] == 3
+    assert stage["info"] == {"train_images": 6, "query": 1, "gallery": 2}
+    assert 0.0 <= stage["final"]["test_mAP"] <= 100.0
+
+
+def test_cuhk03_labeled_or_detected_boxes(tmp_path):
+    from test_reid_data import _cuhk03
+
+    from ptl_fused.engine.reid_task import reid_task
+
+    _cuhk03(tmp_path, "labeled")  # only the labelled images and split
+    cfg = load_config(
+        "cuhk03_resnet50_ptl", [*reid_overrides(tmp_path, tmp_path / "out"), "data.cuhk03_labeled=true"]
+    )
+    task = reid_task(cfg)
+    assert task.num_classes == 2 and all("images_labeled" in path for path, _, _ in task.train_set.items)
+    cfg = load_config("cuhk03_resnet50_ptl", reid_overrides(tmp_path, tmp_path / "out"))
+    assert cfg["data"]["cuhk03_labeled"] is False  # the default: detected boxes, as before
+    with pytest.raises(FileNotFoundError, match="images_detected"):
+        reid_task(cfg)
+
+
+def test_query_without_any_gallery_match_stops_before_training(tmp_path, monkeypatch):
+    import ptl_fused.engine.trainer as trainer
+
+    root = fake_market(tmp_path / "Market-1501")
+    # The gallery keeps ids 11-13 by camera 2 only, and the query moves to camera 2: no true match.
+    for f in (root / "bounding_box_test").glob("001[123]_c3*.jpg"):
+        f.unlink()
+    for f in (root / "query").glob("*.jpg"):
+        f.rename(f.with_name(f.name.replace("_c1", "_c2")))
+    monkeypatch.setattr(trainer, "train_epoch", lambda *a: pytest.fail("trained before the check"))
+    cfg = load_config("market1501_resnet50_ptl", reid_overrides(root, tmp_path / "out"))
+    with pytest.raises(
+        ValueError,
+        match=r"^market1501 \(data.root=.*Market-1501\): no image of the query split has a true "
+        r"match in the gallery split .*query identities 11, 12, 13, of which 3 appear in the gallery",
+    ):
+        run(cfg, build=tiny_build, verbose=False)
+
+
+def test_too_few_identities_for_a_pk_batch_says_how_p_is_made(tmp_path):
+    root = fake_market(tmp_path / "Market-1501")  # 4 training identities
+    cfg = load_config(
+        "market1501_mgn_ptl",  # loss.triplet: PK batches
+        [f"data.root={root}", f"out={tmp_path / 'out'}", "data.batch_size=16", "data.num_instances=2"],
+    )
+    how = "p = data.batch_size // data.num_instances = 16 // 2 = 8"
+    with pytest.raises(ValueError, match=re.escape(how) + ".* has only 4 identities"):
+        run(cfg, build=tiny_build, verbose=False)
 
 
 def hand_map_rank1(model, root: Path, height: int, width: int) -> tuple[float, float]:

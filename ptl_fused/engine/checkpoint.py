@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read back with clear errors, RNG states included.
 
 A checkpoint holds the model, optimizer, LR scheduler and GradScaler states, the stage and
-epoch just finished, the RNG states (python, numpy, torch, cuda) and the config. The cells'
+epoch just finished, the RNG states (python, numpy, torch, cuda) and the config (the stage's
+and the whole run's: a resumed run must have the same settings, see check_resume). The cells'
 carried state is *not* saved: it is reset at the start of every epoch (DESIGN.md §1), and a
 checkpoint is written at an epoch's end, so a resumed run starts its next epoch from the same
 (initial) state as an uninterrupted one.
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .config import num_stages, resume_differences, stage_config
 
 FORMAT = "ptl_fused.engine.checkpoint/1"
 # What must agree between a checkpoint and the model it is loaded into.
@@ -87,9 +90,14 @@ def save_checkpoint(
     config: dict,
     history: list[dict],
     previous_stages: list[dict] = (),
+    run_config: dict | None = None,
+    pending_eval: bool = False,
 ) -> None:
     """Write the state after `epoch` (1-based, completed) of `stage`. meta: IDENTITY_KEYS;
-    previous_stages: the results of the stages before this one (sequential fine-tuning)."""
+    config: the stage's config; run_config: the whole run's (every stage; check_resume compares
+    it with a resumed run's); previous_stages: the results of the stages before this one
+    (sequential fine-tuning); pending_eval: written before the epoch's evaluation (its metrics
+    are not in `history` yet, the RNG states are those the evaluation starts from)."""
     atomic_save(
         {
             "format": FORMAT,
@@ -102,8 +110,10 @@ def save_checkpoint(
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": capture_rng(),
             "config": config,
+            "run_config": run_config,
             "history": history,
             "previous_stages": list(previous_stages),
+            "pending_eval": pending_eval,
         },
         path,
     )
@@ -119,7 +129,7 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged zip/pickle
         raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated or corrupt file?): {type(e).__name__}: {e}"
+            f"checkpoint {path} cannot be read (truncated or corrupt file?): {_why(e)}"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
@@ -130,6 +140,20 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
     return ckpt
 
 
+def _why(e: Exception) -> str:
+    """torch.load's error, without its advice: retrying with weights_only=False would run
+    whatever code the file holds and cannot mend a damaged checkpoint (ours hold only tensors
+    and plain data), nor does the rest of the paragraph apply."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return f"not a torch file of tensors and plain data ({' '.join(detail.split())})"
+    first = text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else ""
+    if not first and isinstance(e, EOFError):
+        first = "the file ends early"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def check_identity(ckpt: dict, path: str | Path, expect: dict) -> None:
     diffs = [
         f"{k}: checkpoint has {ckpt['meta'].get(k)!r}, this run has {expect[k]!r}"
@@ -138,6 +162,43 @@ def check_identity(ckpt: dict, path: str | Path, expect: dict) -> None:
     ]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was saved for another model; " + "; ".join(diffs))
+
+
+def check_resume(ckpt: dict, path: str | Path, cfg: dict) -> None:
+    """A resumed run continues the saved one exactly: every setting of the stages done or under
+    way must be the checkpoint's, except config.RESUME_MAY_CHANGE (paths, logging, evaluation,
+    device, and optim.epochs of the stage being resumed, which may grow to extend it). Raises
+    CheckpointError listing each difference (checkpoint value vs requested)."""
+    stage, saved_run = ckpt["stage"], ckpt.get("run_config")
+    diffs = []
+    for t in range(stage + 1):
+        if saved_run is not None:
+            saved = stage_config(saved_run, t)
+        elif t == stage:  # written before run_config was saved: only the current stage's config
+            saved = ckpt["config"]
+        else:
+            continue
+        # A finished stage ran its epochs; the stage under way may be extended (not shortened).
+        keep = ("optim.epochs",) if t < stage else ()
+        where = f"stage {t + 1} " if num_stages(cfg) > 1 else ""
+        requested = stage_config(cfg, t)
+        diffs += [
+            f"{where}{k}: checkpoint {a!r}, requested {b!r}"
+            for k, a, b in resume_differences(saved, requested, keep)
+        ]
+        if t == stage and requested["optim"]["epochs"] < ckpt["epoch"]:
+            diffs.append(
+                f"{where}optim.epochs: the checkpoint has {ckpt['epoch']} epochs done, requested "
+                f"{requested['optim']['epochs']}"
+            )
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {path}: a resumed run continues the saved run exactly, and these "
+            f"settings differ from it: {'; '.join(diffs)}. Drop these overrides to continue the saved "
+            "run, or start a new run with another out= (and no --resume). Only paths (out, data.root), "
+            "data.num_workers, device, deterministic, eval.*, train.progress/tensorboard and optim.epochs "
+            "(to extend training) may change on resume"
+        )
 
 
 def load_model_state(model: nn.Module, state: dict, path: str | Path) -> None:

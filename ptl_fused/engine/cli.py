@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, config_dir, load_config
 from .trainer import run
 
@@ -46,13 +47,28 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"model.pretrained={a.pretrained}")
     try:
         cfg = load_config(config or "digits", overrides, quick=a.quick)
-    except ConfigError as e:
-        print(f"ptl-train: {e}", file=sys.stderr)
-        return 2
-    if cfg["job"] == "digits_transfer":
-        from .digits_job import run_digits_job
+        if cfg["job"] == "digits_transfer":
+            from .digits_job import run_digits_job
 
-        run_digits_job(cfg, resume=a.resume)
-    else:
-        run(cfg, resume=a.resume)
+            run_digits_job(cfg, resume=a.resume)
+        else:
+            run(cfg, resume=a.resume)
+    except USER_ERRORS as e:
+        print(f"ptl-train: error: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+# What a user can fix (a config, a path, a dataset, a checkpoint): one line, exit status 2.
+# Anything else is a bug and keeps its traceback. (ConfigError is a ValueError; FileNotFoundError
+# and NotADirectoryError are OSErrors, as is an unreadable image.)
+USER_ERRORS = (ConfigError, CheckpointError, ValueError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    """The message on one line; for an error re-raised from a DataLoader worker, only the
+    original error's last line, not the worker's traceback."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if "Original Traceback (most recent call last):" in lines:
+        lines = lines[-1:]
+    return " ".join(lines) or type(e).__name__

@@ -9,6 +9,7 @@ differs from them.
 from __future__ import annotations
 
 import copy
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda
     "amp": "bf16",  # bf16 | fp16 | off; always off on the CPU
     "data": {
-        # digits | cifar10 | cifar100 | market1501 | dukemtmc | msmt17 | cuhk03
+        # digits | cifar10 | cifar100 | market1501 | dukemtmc | msmt17 | cuhk03 | folder
+        # (folder: root/{train,query,gallery}/PID_CAMID_*.jpg, see ptl_fused.reid.datasets)
         "name": "market1501",
         "root": None,  # local dataset folder (nothing downloads)
         "height": 256,
@@ -32,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,  # CIFAR "+": pad 4, random crop, flip; ReID: flip, pad, crop
         "batch_size": 32,
         "num_instances": 4,  # images per identity in a PK batch (triplet loss)
+        "cuhk03_labeled": False,  # cuhk03: the hand-labelled boxes (images_labeled/), not detected
         "num_workers": 2,
         "classes": None,  # digits: the classes to use (relabelled 0..n-1); None = all
         "shots": None,  # digits: training images per class; None = all of the training half
@@ -86,13 +89,44 @@ CHOICES: dict[str, tuple] = {
     "job": ("train", "digits_transfer"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("bf16", "fp16", "off"),
-    "data.name": ("digits", "cifar10", "cifar100", "market1501", "dukemtmc", "msmt17", "cuhk03"),
+    "data.name": ("digits", "cifar10", "cifar100", "market1501", "dukemtmc", "msmt17", "cuhk03", "folder"),
     "model.cell": ("v1", "v2", None),
     "model.head": ("reid", "classification"),
     "ddp.state_sync": ("none", "mean"),
 }
+# Integer settings and their smallest valid value (0 or a negative count has no meaning: a
+# division by zero, an empty run or an empty batch further on).
+MINIMUMS: dict[str, int] = {
+    "optim.epochs": 1,
+    "optim.step_size": 1,
+    "data.batch_size": 1,
+    "data.num_instances": 1,
+    "data.num_workers": 0,
+    "eval.every": 0,
+    "digits.pretrain_epochs": 1,
+    "digits.transfer_epochs": 1,
+    "digits.shots": 1,
+}
 FREE_FORM = {"model.kwargs", "quick"}  # dicts whose keys are not checked here
 STAGE_SECTIONS = ("data", "optim", "loss", "std", "eval")
+# What may differ from the checkpoint's config when a run is resumed (a key, or a section and
+# everything under it): where the files are, how the run is watched and evaluated, the device,
+# and optim.epochs of the stage being resumed (to extend it). Every other setting shapes the
+# training itself, so a resumed run must have the checkpoint's (see checkpoint.check_resume).
+RESUME_MAY_CHANGE = (
+    "name",
+    "out",
+    "device",
+    "deterministic",
+    "data.root",
+    "data.num_workers",
+    "optim.epochs",
+    "eval",
+    "train.progress",
+    "train.tensorboard",
+    "quick",  # a recipe of overrides; what it set is compared key by key
+    "digits",  # the main job's plan; what it sets in each run is compared key by key
+)
 
 
 class ConfigError(ValueError):
@@ -104,12 +138,23 @@ def config_dir() -> Path:
     return Path(str(resources.files("ptl_fused") / "configs"))
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
 def resolve_config_path(name: str | Path) -> Path:
-    """A path as given, or the name of a bundled config ("digits" or "digits.yaml")."""
+    """A YAML file, or the name of a bundled config ("digits").
+
+    A name that looks like a path (it holds a "/" or ends with .yaml/.yml) is a file and must
+    exist: it never falls back to the bundled config of the same name, which would silently train
+    another experiment than the file the user meant.
+    """
     path = Path(name)
     if path.is_file():
         return path
-    bundled = config_dir() / (path.name if path.suffix else f"{path.name}.yaml")
+    text = str(name)
+    if "/" in text or os.sep in text or path.suffix.lower() in CONFIG_SUFFIXES:
+        raise ConfigError(f"config file not found: {text}")
+    bundled = config_dir() / f"{path.name}.yaml"
     if bundled.is_file():
         return bundled
     names = sorted(p.stem for p in config_dir().glob("*.yaml"))
@@ -177,6 +222,9 @@ def validate(cfg: dict) -> None:
     for key, allowed in CHOICES.items():
         if get(cfg, key) not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {get(cfg, key)!r}")
+    for key, low in MINIMUMS.items():
+        if get(cfg, key) < low:
+            raise ConfigError(f"{key} must be >= {low}, got {get(cfg, key)}")
     if not 0.0 <= cfg["std"]["lam"] <= 1.0:
         raise ConfigError(f"std.lam must be in [0, 1], got {cfg['std']['lam']}")
     for i, stage in enumerate(cfg["stages"]):
@@ -187,20 +235,54 @@ def validate(cfg: dict) -> None:
             raise ConfigError(
                 f"stages[{i}]: unknown sections {sorted(bad)}; a stage may set {', '.join(STAGE_SECTIONS)}"
             )
-        validate(stage_config(cfg, i))
+        try:
+            validate(stage_config(cfg, i))
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}]: {e}") from None
 
 
 def stage_config(cfg: dict, index: int) -> dict:
-    """The config of stage `index`: the top level with the stage's sections merged in."""
+    """The config of stage `index`: the top level with the stage's sections merged in, typed
+    like the top level (a stage's `lr: 1e-3`, which YAML reads as a string, becomes a float)."""
     out = copy.deepcopy(cfg)
     out["stages"] = []
     if cfg["stages"]:
         merge(out, cfg["stages"][index], where=f"stages[{index}]")
+        _check_types(out, DEFAULTS, "")
     return out
 
 
 def num_stages(cfg: dict) -> int:
     return max(1, len(cfg["stages"]))
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim.lr": 0.01, ...}: every leaf by its dotted key (FREE_FORM dicts are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and full not in FREE_FORM:
+            out |= flatten(value, f"{full}.")
+        else:
+            out[full] = value
+    return out
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE)
+
+
+def resume_differences(saved: dict, requested: dict, keep: tuple[str, ...] = ()) -> list[tuple]:
+    """(key, saved value, requested value) for every setting of `requested` that differs from
+    `saved` (a checkpoint's config) and may not change on resume (RESUME_MAY_CHANGE, less the
+    keys in `keep`). A key the saved config lacks (written before the key existed) counts as
+    its default."""
+    old, defaults = flatten(saved), flatten(DEFAULTS)
+    return [
+        (key, old.get(key, defaults.get(key)), value)
+        for key, value in flatten(requested).items()
+        if (key in keep or not may_change_on_resume(key)) and old.get(key, defaults.get(key)) != value
+    ]
 
 
 def _check_types(cfg: dict, ref: dict, prefix: str) -> None:

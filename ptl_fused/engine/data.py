@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 CLASSIFICATION = ("digits", "cifar10", "cifar100")
-REID = ("market1501", "dukemtmc", "msmt17", "cuhk03")
+REID = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder")
 CIFAR_STATS = {  # per-channel mean and std of the training images
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -166,6 +166,8 @@ def require_root(root: str | None, layout: str) -> Path:
     if root is None:
         raise FileNotFoundError(f"data.root is not set; point it at {layout}")
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"data.root={path} is not a directory; it must be {layout}")
     if not path.is_dir():
         raise FileNotFoundError(f"data.root={path} does not exist; it must be {layout}")
     return path

@@ -17,6 +17,7 @@ LAYOUTS = {
     "msmt17": "the extracted MSMT17 folder (train/, test/ and the list_*.txt files)",
     "cuhk03": "the CUHK03 folder, new protocol (images_detected/ and images_labeled/, extracted "
     "as torchreid names them, or cuhk03_release/cuhk-03.mat, plus cuhk03_new_protocol_config_*.mat)",
+    "folder": "a folder of train/, query/ and gallery/ images named PID_CAMID_anything.jpg (camid 0-based)",
 }
 
 
@@ -40,6 +41,28 @@ class ReIDCriterion(nn.Module):
         return self.loss(out.logits, out.embeddings, pids).total
 
 
+def check_query_matches(data, name: str, root) -> None:
+    """At least one query must have a true match in the gallery (an image of its identity by
+    another camera, as the evaluation counts them), or every evaluation fails: raise before the
+    training rather than after its first epoch."""
+    gallery_cams: dict[int, set[int]] = {}
+    for _, pid, cam in data.gallery:
+        if pid != -1:  # junk: never a match
+            gallery_cams.setdefault(pid, set()).add(cam)
+    if not any(gallery_cams.get(pid, set()) - {cam} for _, pid, cam in data.query):
+        q_ids = sorted({pid for _, pid, _ in data.query})
+        raise ValueError(
+            f"{name} (data.root={root}): no image of the query split has a true match in the gallery "
+            "split (an image of the same identity from another camera), so mAP and CMC are undefined; "
+            f"query identities {_few(q_ids)}, of which {len(set(q_ids) & gallery_cams.keys())} appear "
+            "in the gallery at all. Check that both splits come from the same dataset"
+        )
+
+
+def _few(ids: list[int], n: int = 5) -> str:
+    return ", ".join(map(str, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
 READER_NAMES = {"dukemtmc": "dukemtmcreid"}  # config name -> ptl_fused.reid dataset name
 
 
@@ -54,7 +77,9 @@ def reid_task(cfg: dict) -> Task:
 
     d, name = cfg["data"], cfg["data"]["name"]
     root = require_root(d["root"], LAYOUTS[name])
-    data = build_reid_dataset(READER_NAMES.get(name, name), root, verbose=False)
+    kwargs = {"labeled": d["cuhk03_labeled"]} if name == "cuhk03" else {}
+    data = build_reid_dataset(READER_NAMES.get(name, name), root, verbose=False, **kwargs)
+    check_query_matches(data, name, root)
     train = ImageDataset(data.train, build_transforms(d["height"], d["width"], is_train=d["augment"]))
     test_tf = build_transforms(d["height"], d["width"], is_train=False)
     query, gallery = (

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -28,12 +29,13 @@ from .checkpoint import (
     CheckpointError,
     atomic_save,
     check_identity,
+    check_resume,
     load_checkpoint,
     load_model_state,
     restore_rng,
     save_checkpoint,
 )
-from .config import dump, num_stages, stage_config
+from .config import ConfigError, dump, num_stages, stage_config
 from .data import Task, build_task
 from .distributed import DistInfo, barrier, init_distributed, sync_cell_states
 from .logs import EpochLog
@@ -55,6 +57,17 @@ def build_model_from_config(model_cfg: dict, num_classes: int) -> nn.Module:
         pretrained=model_cfg["pretrained"],
         **model_cfg["kwargs"],
     )
+
+
+def build_for_checkpoint(build: ModelFactory, model_cfg: dict, num_classes: int) -> nn.Module:
+    """The network whose every weight is then loaded from a checkpoint (a resumed run, an STD
+    teacher): built without model.pretrained, whose file need not exist any more and would be
+    overwritten anyway; the 'randomly initialised' warning would be wrong, so it is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*pretrained=None, so the backbone is randomly initialised"
+        )
+        return build({**model_cfg, "pretrained": None}, num_classes)
 
 
 def identity(cfg: dict, num_classes: int) -> dict:
@@ -90,7 +103,7 @@ def seed_everything(seed: int) -> None:
 def pick_device(cfg: dict, info: DistInfo) -> torch.device:
     want = cfg["device"]
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
+        raise ConfigError("device=cuda was asked for, but torch sees no CUDA device")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(info.local_rank)
         return torch.device("cuda", info.local_rank)
@@ -119,9 +132,6 @@ def run(
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     out = Path(cfg["out"])
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump(cfg))
     ckpt_path = find_resume(cfg, resume)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     first = ckpt["stage"] if ckpt is not None else 0
@@ -129,20 +139,38 @@ def run(
         raise CheckpointError(
             f"checkpoint {ckpt_path} is from stage {first}; this config has {num_stages(cfg)}"
         )
+    if ckpt is not None:  # before config.yaml: it must describe what runs
+        check_resume(ckpt, ckpt_path, cfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump(cfg))
     results = list(ckpt.get("previous_stages", [])) if ckpt is not None else []
     model = None
     for s in range(first, num_stages(cfg)):
         scfg = stage_config(cfg, s)
         seed_everything(scfg["seed"] + info.rank)  # DDP broadcasts rank 0's initial weights
         task = build_task(scfg, device)
-        if model is None:
+        resume_here = (ckpt, ckpt_path) if s == first and ckpt is not None else None
+        if model is None and resume_here is not None:  # every weight comes from the checkpoint
+            model = build_for_checkpoint(build, scfg["model"], task.num_classes)
+        elif model is None:
             model = build(scfg["model"], task.num_classes)
         else:  # sequential fine-tuning: a new classifier, the backbone and cells are kept
             model.reset_classifier(task.num_classes)
         model.to(device)
-        resume_here = (ckpt, ckpt_path) if s == first and ckpt is not None else None
         result = train_stage(
-            model, task, scfg, s, stage_folder(cfg, s), device, info, resume_here, build, results, verbose
+            model,
+            task,
+            scfg,
+            s,
+            stage_folder(cfg, s),
+            device,
+            info,
+            resume_here,
+            build,
+            results,
+            verbose,
+            cfg,
         )
         results.append(result)
     if info.is_main:
@@ -169,7 +197,7 @@ def make_criterion(
 def load_teacher(path: str | Path, build: ModelFactory, device: torch.device) -> nn.Module:
     """A trained network from an engine checkpoint, frozen and in eval mode (no state carry)."""
     ckpt = load_checkpoint(path)
-    teacher = build(ckpt["config"]["model"], ckpt["meta"]["num_classes"])
+    teacher = build_for_checkpoint(build, ckpt["config"]["model"], ckpt["meta"]["num_classes"])
     load_model_state(teacher, ckpt["model"], path)
     return teacher.to(device).eval().requires_grad_(False)
 
@@ -184,6 +212,15 @@ def make_train_loader(task: Task, cfg: dict, info: DistInfo, device: torch.devic
 
         k = d["num_instances"]
         p = max(2, batch_size // k)
+        num_ids = len(set(task.train_labels))
+        if num_ids < p:
+            how = f"data.batch_size // data.num_instances = {batch_size} // {k}"
+            how = f"{how} = {p}" if batch_size // k >= 2 else f"max(2, {how}) = 2"
+            raise ValueError(
+                f"loss.triplet: each batch holds p identities x k = data.num_instances images, with p = "
+                f"{how}, but the {task.name} training set has only {num_ids} identities; lower "
+                "data.batch_size or raise data.num_instances"
+            )
         batch_size = p * k
         sampler = PKSampler(
             task.train_labels, p=p, k=k, seed=cfg["seed"], num_replicas=info.world, rank=info.rank
@@ -217,8 +254,10 @@ def train_stage(
     build: ModelFactory,
     previous: list[dict],
     verbose: bool = True,
+    run_cfg: dict | None = None,
 ) -> dict:
-    """Train one dataset for cfg['optim']['epochs'] epochs; returns its history and results."""
+    """Train one dataset for cfg['optim']['epochs'] epochs; returns its history and results.
+    cfg: the stage's config; run_cfg: the whole run's (saved in the checkpoints)."""
     o, ident = cfg["optim"], identity(cfg, task.num_classes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -252,6 +291,52 @@ def train_stage(
         restore_rng(resume[0]["rng"])  # last: building the loader etc. must not disturb it
     epochs, every = o["epochs"], cfg["eval"]["every"]
     sync = cfg["ddp"]["state_sync"] == "mean" and info.world > 1
+
+    def evaluated_at(epoch: int) -> bool:  # 0-based epoch
+        return (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == epochs
+
+    def save(epoch_done: int, pending_eval: bool) -> None:
+        save_checkpoint(
+            folder / "last.pt",
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            stage=stage,
+            epoch=epoch_done,
+            meta=ident,
+            config=cfg,
+            history=history,
+            previous_stages=previous,
+            run_config=run_cfg if run_cfg is not None else cfg,
+            pending_eval=pending_eval,
+        )
+
+    def evaluate(row: dict) -> None:
+        """The test metrics into `row` (the epoch's seconds grow by the evaluation's), then the
+        checkpoint again, now complete."""
+        t0 = time.perf_counter()
+        model.eval()  # the cells carry nothing in eval mode
+        metrics = task.evaluate(model, device, autocast)
+        model.train()
+        seconds = row.pop("seconds")
+        row |= {f"test_{k}": v for k, v in metrics.items()}
+        row["seconds"] = round(seconds + time.perf_counter() - t0, 3)
+        save(row["epoch"], pending_eval=False)
+
+    def report(row: dict) -> None:
+        log.write(history)
+        if verbose:
+            tqdm.write(f"[{task.name}] " + "  ".join(_fmt(k, v) for k, v in row.items()))
+
+    # The checkpoint of an epoch is written before its evaluation (pending_eval), so an
+    # evaluation that fails loses no training: the resumed run evaluates that epoch first, from
+    # the RNG state the evaluation started from, as the uninterrupted run did.
+    if resume is not None and resume[0].get("pending_eval") and start > 0 and evaluated_at(start - 1):
+        if info.is_main:
+            evaluate(history[-1])
+            report(history[-1])
+        barrier(info)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
@@ -271,29 +356,13 @@ def train_stage(
             sync,
         )
         scheduler.step()
-        if info.is_main and ((every > 0 and (epoch + 1) % every == 0) or epoch + 1 == epochs):
-            model.eval()  # the cells carry nothing in eval mode
-            row |= {f"test_{k}": v for k, v in task.evaluate(model, device, autocast).items()}
-            model.train()
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         if info.is_main:
-            log.write(history)
-            save_checkpoint(
-                folder / "last.pt",
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                stage=stage,
-                epoch=epoch + 1,
-                meta=ident,
-                config=cfg,
-                history=history,
-                previous_stages=previous,
-            )
-            if verbose:
-                tqdm.write(f"[{task.name}] " + "  ".join(_fmt(k, v) for k, v in row.items()))
+            save(epoch + 1, pending_eval=evaluated_at(epoch))
+            if evaluated_at(epoch):
+                evaluate(row)
+            report(row)
         barrier(info)
     result = {
         "stage": stage,

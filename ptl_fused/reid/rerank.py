@@ -6,12 +6,13 @@ Written from the paper, following the conventions of the widely used reference i
 - the query and gallery are pooled into one set of N = num_q + num_g points; the input distances
   are squared and each column divided by its maximum, and the matrix is transposed (for a
   symmetric input: every row divided by its maximum);
-- N(p, k) is the k + 1 nearest points of p, p itself included (a stable sort breaks ties);
+- N(p, k) is the k + 1 nearest points of p, p itself included (a stable sort breaks ties), all N
+  points when N <= k;
   R(p, k) = {g in N(p, k) : p in N(g, k)};
 - R*(p) = R(p, k1) united with every R(q, round(k1 / 2)), q in R(p, k1), that shares more than
   2/3 of its members with R(p, k1);
 - V_p = exp(-d(p, g)) over g in R*(p), normalised to sum 1; local query expansion (k2 > 1)
-  replaces V_p by the mean of V_g over the k2 nearest points g (p included);
+  replaces V_p by the mean of V_g over the min(k2, N) nearest points g (p included);
 - Jaccard distance d_J(p, g) = 1 - sum min(V_p, V_g) / sum max(V_p, V_g), where
   sum max = 2 - sum min because each V sums to 1;
 - final = (1 - lambda) * d_J + lambda * (normalised squared distance), for the query rows and
@@ -86,6 +87,9 @@ def re_rank(
     np.square(dist, out=dist)
     dist /= dist.max(axis=1, keepdims=True)
     n = len(dist)
+    # Fewer than k1 + 1 (or k2) points: every neighbour list is the whole set, as the reference's
+    # slices [:k1 + 1] and [:k2] cap at N; the query expansion then averages over all N points.
+    k2 = min(k2, n)
     half = int(np.around(k1 / 2))
     nearest = _sorted_neighbours(dist, max(k1 + 1, k2))
     recip = _k_reciprocal(nearest[:, : k1 + 1])
