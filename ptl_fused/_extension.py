@@ -6,15 +6,29 @@ Without it (not built, or built against another torch) the package still imports
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
 
 def _load() -> tuple[ModuleType | None, str | None]:
+    # Looked up first: importing a missing submodule while the package is still initialising
+    # would blame a circular import.
     try:
-        from . import _C
+        missing = importlib.util.find_spec(f"{__package__}._C") is None
+    except ValueError:  # sys.modules holds None for it: the import below says so
+        missing = False
+    if missing:
+        return (
+            None,
+            f"the compiled extension ptl_fused._C is not built (no _C library in {Path(__file__).parent})",
+        )
+    try:
+        _C = importlib.import_module(f"{__package__}._C")
     except (ImportError, OSError) as err:
         return None, f"the compiled extension ptl_fused._C could not be loaded ({err})"
     if _C.TORCH_VERSION != torch.__version__:

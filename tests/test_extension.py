@@ -35,21 +35,53 @@ def test_cuda_kernels_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ptl_fused::{op}", "CUDA")
 
 
-def _import_with(prelude: str) -> subprocess.CompletedProcess:
-    code = (
-        prelude
-        + "\nimport warnings, torch\nwarnings.simplefilter('default')\nimport ptl_fused\n"
+def _import_code() -> str:
+    return (
+        "import warnings, torch\nwarnings.simplefilter('default')\nimport ptl_fused\n"
         + "x = torch.randn(1, 2, 4, 4); w = torch.randn(8, 2, 3, 3); c = torch.zeros(1, 2, 4, 4)\n"
         + "print(ptl_fused.available_backends())\n"
         + "print(ptl_fused.ops.bconv_cell(x, w, None, c, 1, 1)[0].shape)\n"
     )
+
+
+def _import_with(prelude: str) -> subprocess.CompletedProcess:
+    code = prelude + "\n" + _import_code()
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
-def test_missing_extension_warns_and_reference_works():
-    r = _import_with("import sys; sys.modules['ptl_fused._C'] = None")
+def _source_tree_without_library(tmp_path) -> dict:
+    """ptl_fused and python_ref copied without the compiled library: the environment that
+    imports them (an editable install's finder, which would still find the real one, is
+    taken out of sys.meta_path by the code run)."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(ptl_fused.__file__).parents[1]
+    for pkg in ("ptl_fused", "python_ref"):
+        shutil.copytree(root / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    return {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+
+_NO_EDITABLE = "import sys; sys.meta_path = [f for f in sys.meta_path if '__editable__' not in str(f)]"
+
+
+@pytest.mark.parametrize(
+    ("library", "message"),
+    [(None, "ptl_fused._C is not built"), (b"not an ELF file", "ptl_fused._C could not be loaded")],
+    ids=["unbuilt", "broken"],
+)
+def test_missing_extension_warns_once_and_reference_works(tmp_path, library, message):
+    # Not built (pip install never ran): the warning says so, not Python's own message for
+    # the missing name, which blames a circular import. Broken: it says why it failed.
+    env = _source_tree_without_library(tmp_path)
+    if library is not None:
+        (tmp_path / "ptl_fused" / _extension.C.__file__.rsplit("/", 1)[-1]).write_bytes(library)
+    r = subprocess.run(
+        [sys.executable, "-c", _NO_EDITABLE + "\n" + _import_code()],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("could not be loaded") == 1, r.stderr
+    assert r.stderr.count(message) == 1 and "circular" not in r.stderr, r.stderr
     assert "'reference'" in r.stdout and "'cpu'" not in r.stdout, r.stdout
     assert "torch.Size([1, 2, 4, 4])" in r.stdout
 
