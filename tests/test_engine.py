@@ -161,6 +161,11 @@ def test_missing_dataset_root_names_the_path_and_layout(tmp_path):
 # --- one epoch, state rules ------------------------------------------------------------------
 
 
+def test_resume_auto_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
+    run(digits_cfg(tmp_path, "optim.epochs=1"), resume="auto", build=tiny_build)
+    assert f"--resume auto: no checkpoint under {tmp_path}" in capsys.readouterr().out
+
+
 def test_one_classification_epoch_writes_logs_checkpoint_and_plot(tmp_path):
     cfg = digits_cfg(tmp_path, "optim.epochs=1", "train.tensorboard=true", "deterministic=true")
     try:

@@ -147,3 +147,15 @@ def test_main_job_cli_std_student_is_the_plain_digits_net(tmp_path, capsys):
     first = json.loads((out / "results.json").read_text())
     assert main(["--quick", "--out", str(out), "--resume", "auto", "digits.methods=[ptl, std]"]) == 0
     assert json.loads((out / "results.json").read_text()) == first
+
+
+def test_quick_runs_in_its_own_folder_and_epoch_overrides_are_not_ignored(tmp_path):
+    # --quick must not overwrite (or mix with) a full run's results; an out= override wins.
+    assert load_config("digits", quick=True)["out"] == "runs/digits_quick"
+    assert load_config("digits", [f"out={tmp_path}"], quick=True)["out"] == str(tmp_path)
+    # The main job sets every run's epochs itself: optim.epochs would be silently ignored.
+    cfg = load_config("digits", [f"out={tmp_path}", "optim.epochs=1"], quick=True)
+    with pytest.raises(
+        ValueError, match=r"optim.epochs=1: .* set digits.pretrain_epochs and digits.transfer"
+    ):
+        run_digits_job(cfg)

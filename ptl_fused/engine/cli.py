@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="ptl-train",
         description="Progressive Transfer Learning training. With no config, runs the main job "
-        "(transfer learning on scikit-learn's digits, a few minutes on a CPU).",
+        "(transfer learning on scikit-learn's digits, about 1.5 minutes on 2 CPU cores).",
         epilog=f"bundled configs: {names}",
     )
     p.add_argument("args", nargs="*", help="[CONFIG] then overrides key.sub=value (values read as YAML)")

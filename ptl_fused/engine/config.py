@@ -164,7 +164,8 @@ def resolve_config_path(name: str | Path) -> Path:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple = (), quick: bool = False
 ) -> dict:
-    """Defaults, then the YAML file (if any), then --quick, then ``key.sub=value`` overrides."""
+    """Defaults, then the YAML file (if any), then --quick (its recipe, and out=<out>_quick),
+    then ``key.sub=value`` overrides."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = resolve_config_path(path)
@@ -178,6 +179,9 @@ def load_config(
     if quick:
         for key, value in cfg["quick"].items():
             set_key(cfg, key, value, where="quick")
+        # Its own folder, so a smoke run never mixes with (or overwrites) the full run's files;
+        # an out= override below still wins.
+        cfg["out"] = f"{str(cfg['out']).rstrip('/')}_quick"
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:

@@ -133,6 +133,8 @@ def run(
         torch.backends.cudnn.benchmark = False
     out = Path(cfg["out"])
     ckpt_path = find_resume(cfg, resume)
+    if resume == "auto" and ckpt_path is None and info.is_main and verbose:
+        print(f"--resume auto: no checkpoint under {out}, starting a new run", flush=True)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     first = ckpt["stage"] if ckpt is not None else 0
     if ckpt is not None and not 0 <= first < num_stages(cfg):
