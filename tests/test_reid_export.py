@@ -56,6 +56,7 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, opset, backend):
         model(torch.randn(4, 3, 16, 8))
     path = export_onnx(model, tmp_path / "tiny.onnx", height=16, width=8, opset=opset)
     assert model.training  # restored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"], "one self-contained file"
     proto = onnx.load(str(path))
     assert [o.name for o in proto.graph.output] == ["feature"]
     assert opset is None or proto.opset_import[0].version == opset

@@ -61,7 +61,11 @@ def export_onnx(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             if dynamo:
-                kwargs.update(dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+                # external_data=False: one self-contained file (the weights inside; ONNX allows
+                # up to 2 GB), not the default's .onnx.data sidecar that a deployment could miss.
+                kwargs.update(
+                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, external_data=False
+                )
             else:
                 kwargs["dynamic_axes"] = {"images": {0: "batch"}, "feature": {0: "batch"}}
             torch.onnx.export(
