@@ -226,16 +226,24 @@ def merge(paths: list[str]) -> dict:
     return {**runs[0], "benchmarks": [b for r in runs for b in r["benchmarks"]]}
 
 
-if __name__ == "__main__":
-    # python bench/report.py RESULTS.json...: (re)write each one's .md and .png
-    # python bench/report.py --merge OUT.json A.json B.json...: merge runs into OUT.json (+ .md, .png)
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    import argparse
 
-    args = sys.argv[1:]
-    if args[:1] == ["--merge"]:
-        merged = merge(args[2:])
-        Path(args[1]).write_text(json.dumps(merged, indent=2))
-        write_report(merged, args[1])
+    p = argparse.ArgumentParser(description="Tables (.md) and plots (.png) of pytest-benchmark JSONs.")
+    p.add_argument("results", nargs="+", help="JSON files: each gets its .md and .png beside it")
+    p.add_argument("--merge", metavar="OUT.json", help="join the given runs into OUT.json (+ .md, .png)")
+    a = p.parse_args(argv)
+    for path in a.results:
+        if not Path(path).is_file():
+            p.error(f"no such results file: {path}")
+    if a.merge:
+        merged = merge(a.results)
+        Path(a.merge).write_text(json.dumps(merged, indent=2))
+        write_report(merged, a.merge)
     else:
-        for path in args:
+        for path in a.results:
             write_report(json.loads(Path(path).read_text()), path)
+
+
+if __name__ == "__main__":
+    main()
