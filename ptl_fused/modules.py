@@ -10,9 +10,10 @@ When a gradient is needed in eval (grad mode on and a parameter or x requires gr
 full cell runs from a zero state.
 The state is not a parameter or buffer: it is not in state_dict, DDP does not broadcast it
 (each rank keeps its own), and .to(device) moves it while keeping its float32 dtype.
-Activation checkpointing (torch.utils.checkpoint, either mode) re-runs a training forward
-inside backward: the cell then replays the state its original call read and updates nothing,
-so gradients and the carried state are those of the un-checkpointed cell.
+A training forward run inside backward, as activation checkpointing (torch.utils.checkpoint)
+re-runs it, is refused: it would read the state its first run advanced, so its gradients
+would be wrong. Checkpoint the layers around the cells; eval-mode cells carry nothing and can
+be checkpointed.
 """
 
 from __future__ import annotations
@@ -65,13 +66,11 @@ class _BConvCellBase(nn.Module):
         self.weight = nn.Parameter(torch.empty(4 * out_channels, gate_in_channels, k, k))
         self.bias = nn.Parameter(torch.empty(4 * out_channels)) if bias else None
         self.state = None
-        self._last_call: _Call | None = None
         _init_conv(self.weight, self.bias)
 
     def reset_state(self) -> None:
         """Forget the carried state (call at the start of every training epoch)."""
         self.state = None
-        self._last_call = None
 
     def state_shape(self, x: Tensor) -> tuple[int, int, int, int]:
         """(B, Cout, Ho, Wo) of the state and output for input x (B, Cin, H, W)."""
@@ -93,12 +92,10 @@ class _BConvCellBase(nn.Module):
         # save a view of it for backward.
         return prev.clone() if _capturing(x) else prev
 
-    def _keep(self, new: tuple[Tensor, ...], x: Tensor, inputs: tuple[Tensor, ...]) -> None:
-        """Store the new (detached) state, and remember the state `inputs` this call read, for
-        a recomputation by activation checkpointing (_replay). Under CUDA-graph capture the
-        state is copied into the existing buffers, so that every replay reads what the
-        previous replay wrote; warm up a few eager steps with the capture's batch size first,
-        as CUDA graphs require."""
+    def _keep(self, new: tuple[Tensor, ...], x: Tensor) -> None:
+        """Store the new (detached) state. Under CUDA-graph capture it is copied into the
+        existing buffers, so that every replay reads what the previous replay wrote; warm up
+        a few eager steps with the capture's batch size first, as CUDA graphs require."""
         old = None if self.state is None else _as_tuple(self.state)
         if (
             _capturing(x)
@@ -107,37 +104,18 @@ class _BConvCellBase(nn.Module):
         ):
             for o, n in zip(old, new, strict=True):
                 o.copy_(n)
-        else:
-            self.state = new[0] if len(new) == 1 else new
-        # The inputs are the tensors autograd saves for this call's backward anyway, so keeping
-        # them raises no peak; between steps they cost one state. (torch.compile recomputes
-        # from its graph's saved inputs, never through this.)
-        if not torch.compiler.is_compiling():
-            self._last_call = _Call(inputs, _as_tuple(self.state)[0], tuple(x.shape))
+            return
+        self.state = new[0] if len(new) == 1 else new
 
-    def _replay(self, x: Tensor) -> tuple[Tensor, ...]:
-        """The state inputs of the forward that activation checkpointing is re-running now.
-
-        Only the cell's last call can be replayed, once per backward pass: the state has moved
-        on past any earlier call, and two recomputations in one backward cannot be told apart.
-        """
-        call, task = self._last_call, torch._C._current_graph_task_id()
-        current = None if self.state is None else _as_tuple(self.state)[0]
-        if (
-            call is None
-            or call.state_out is not current
-            or call.x_shape != tuple(x.shape)
-            or call.task == task
-        ):
+    def _check_not_recomputed(self) -> None:
+        if _inside_backward():
             raise RuntimeError(
-                f"{type(self).__name__}: activation checkpointing is re-running a forward of this cell "
-                "other than its last one (the cell ran more than once before this backward, or its "
-                "state was reset or replaced in between), so the state that call read is gone. Under "
-                "torch.utils.checkpoint, run each cell once per backward, or keep it outside the "
-                "checkpointed function."
+                f"{type(self).__name__}: a training forward is running inside backward, as activation "
+                "checkpointing (torch.utils.checkpoint) re-runs it. The cell's forward reads and "
+                "advances the carried state, so a re-run would see the state its first run left and "
+                "give wrong gradients. Keep the cells outside the checkpointed function (checkpoint "
+                "the layers around them), or checkpoint them in eval mode, where nothing is carried."
             )
-        call.task = task
-        return call.inputs
 
     def _apply(self, fn, recurse=True):
         # Follow .to(device) / .cuda(), but keep the state's own (float32) precision.
@@ -181,17 +159,13 @@ class BConvCell(_BConvCellBase):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self._eval_forward(x)
+        self._check_not_recomputed()
         shape = self.state_shape(x)
-        recomputing = _recomputing()
-        if recomputing:
-            (c_prev,) = self._replay(x)
-        else:
-            c_prev = self._previous(self.state, shape, x, "state")
+        c_prev = self._previous(self.state, shape, x, "state")
         y, c_new = ops.bconv_cell(
             x, self.weight, self.bias, c_prev, self.stride, self.padding, backend=self.backend
         )
-        if not recomputing:
-            self._keep((c_new.detach(),), x, (c_prev,))
+        self._keep((c_new.detach(),), x)
         return y
 
     def _eval_forward(self, x: Tensor) -> Tensor:
@@ -254,15 +228,12 @@ class BConvCellV2(_BConvCellBase):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self._eval_forward(x)
+        self._check_not_recomputed()
         shape = self.state_shape(x)
-        recomputing = _recomputing()
-        if recomputing:
-            c_prev, h_prev, alpha = self._replay(x)
-        else:
-            c_state, h_state = self.state if self.state is not None else (None, None)
-            c_prev = self._previous(c_state, shape, x, "state[0] (C)")
-            h_prev = self._previous(h_state, shape, x, "state[1] (H)")
-            alpha = self._alpha(x)
+        c_state, h_state = self.state if self.state is not None else (None, None)
+        c_prev = self._previous(c_state, shape, x, "state[0] (C)")
+        h_prev = self._previous(h_state, shape, x, "state[1] (H)")
+        alpha = self._alpha(x)
         y, c_new, h_new = ops.bconv_cell_v2(
             x,
             self.weight,
@@ -276,10 +247,9 @@ class BConvCellV2(_BConvCellBase):
             self.padding,
             backend=self.backend,
         )
-        if not recomputing:
-            if self.hidden_momentum is None:
-                self.num_batches.add_(1)  # only once the call has succeeded
-            self._keep((c_new.detach(), h_new.detach()), x, (c_prev, h_prev, alpha))
+        if self.hidden_momentum is None:
+            self.num_batches.add_(1)  # only once the call has succeeded
+        self._keep((c_new.detach(), h_new.detach()), x)
         return y
 
     def _alpha(self, x: Tensor) -> Tensor:
@@ -308,22 +278,12 @@ def reset_states(model: nn.Module) -> int:
     return len(cells)
 
 
-class _Call:
-    """What a training forward read (its state inputs) and wrote (the new state), for _replay."""
-
-    def __init__(self, inputs: tuple[Tensor, ...], state_out: Tensor, x_shape: tuple[int, ...]) -> None:
-        self.inputs, self.state_out, self.x_shape = inputs, state_out, x_shape
-        self.task: int | None = None  # the backward pass that last replayed it
-
-
-def _recomputing() -> bool:
-    """True when a training forward runs inside a backward pass: activation checkpointing
-    (either mode) re-running it. torch.compile recomputes from the graph's saved inputs."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch.is_grad_enabled()
-        and torch._C._current_graph_task_id() != -1
-    )
+def _inside_backward() -> bool:
+    """True while autograd's engine runs a backward pass on this thread (in any grad mode: a
+    reentrant checkpoint nested in another re-runs its forward under no_grad). Not traced by
+    torch.compile, whose graphs recompute from saved inputs; compiled autograd re-running an
+    eager reentrant checkpoint is not caught."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _left_by_inference_mode(state: Tensor | None) -> bool:

@@ -143,7 +143,8 @@ def bconv_cell_eval(
     """The eval shortcut from prepared parameters, for callers that keep them between calls:
     weight3 (3·Cout, Cin, k, k) and bias3 (3·Cout,) are the i, o, g rows (python_ref.eval_gate_rows);
     gate_map (3·Cout, Ho, Wo) is v2's constant recovery share. Returns y (B, Cout, Ho, Wo).
-    Forward only: call it under torch.no_grad() (bconv_cell(..., c_prev=None) does so for you)."""
+    Forward only: for when no input needs a gradient (bconv_cell(..., c_prev=None) takes it
+    then, and the full cell from zeros otherwise)."""
     check_eval_inputs(x, weight3, bias3, gate_map, stride, padding)
     if _needs_grad(x, weight3, bias3, gate_map):
         raise RuntimeError(

@@ -380,9 +380,15 @@ def test_resume_refuses_changed_training_settings_and_may_extend_epochs(trained,
     for diff in ("optim.lr: checkpoint 0.05, requested 0.1", "optim.momentum: checkpoint 0.9, requested 0.5"):
         assert diff in msg
     assert "optim.step_size: checkpoint 1, requested 3" in msg and "optim.epochs:" not in msg
-    assert "Drop these overrides" in msg and "another out=" in msg
+    assert "resume with its settings" in msg and "another out=" in msg
     assert config_yaml.read_text() == before, "config.yaml still describes the saved run"
     # optim.epochs may grow: the run goes on exactly as one planned with 3 epochs from the start.
+    # So may the paths of files whose content the checkpoint holds (the digits job's teacher
+    # lies under out, which may move).
+    moved = ("optim.epochs=3", "model.pretrained=/moved/weights.pth", "std.teacher=/moved/last.pt")
+    with pytest.raises(CheckpointError, match="checkpoint /moved/last.pt does not exist") as e:
+        run(digits_cfg(tmp_path, *moved), resume="auto", build=tiny_build, verbose=False)
+    assert "cannot resume" not in str(e.value), "a moved path is not a changed setting"
     extended = run(digits_cfg(tmp_path, "optim.epochs=3"), resume="auto", build=tiny_build, verbose=False)
     fresh = run(digits_cfg(tmp_path / "fresh", "optim.epochs=3"), build=tiny_build, verbose=False)
     wa, wb = (torch.load(Path(r["out"]) / "weights.pt") for r in (extended, fresh))

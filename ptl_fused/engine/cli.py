@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config or "digits", overrides, quick=a.quick)
         if cfg["job"] == "digits_transfer":
+            if any(o.partition("=")[0].strip() == "optim.epochs" for o in overrides):
+                raise ConfigError(
+                    "optim.epochs: the digits job sets each run's epochs itself; override "
+                    "digits.pretrain_epochs and digits.transfer_epochs instead"
+                )
             from .digits_job import run_digits_job
 
             run_digits_job(cfg, resume=a.resume)

@@ -120,6 +120,8 @@ RESUME_MAY_CHANGE = (
     "deterministic",
     "data.root",
     "data.num_workers",
+    "model.pretrained",  # a path; a resumed run loads every weight from the checkpoint
+    "std.teacher",  # a path (the main job's lies under out, which may move)
     "optim.epochs",
     "eval",
     "train.progress",

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import DEFAULTS, ConfigError, set_key, validate
+from .config import set_key, validate
 from .trainer import ModelFactory, build_model_from_config, run
 
 DESCRIPTIONS = {
@@ -118,11 +118,6 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
     if resume not in (None, "auto"):
         raise ValueError(
             "the digits job runs many trainings: resume it with --resume auto, not a single file"
-        )
-    if cfg["optim"]["epochs"] != DEFAULTS["optim"]["epochs"]:
-        raise ConfigError(
-            f"optim.epochs={cfg['optim']['epochs']}: the digits job sets each run's epochs itself; "
-            "set digits.pretrain_epochs and digits.transfer_epochs instead"
         )
     unknown = set(d["methods"]) - set(CELLS)
     if unknown:
