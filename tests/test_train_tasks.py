@@ -31,6 +31,20 @@ def fake_cifar10(root: Path, n_train: int = 20, n_test: int = 10) -> None:
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
 
 
+def one_epoch_overrides(root: Path, out: Path) -> list[str]:
+    """One small epoch of a bundled config with the stand-in network, quietly."""
+    return [
+        f"data.root={root}",
+        f"out={out}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "optim.epochs=1",
+        "model.kwargs={in_channels: 3}",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
+
+
 @pytest.mark.parametrize("augment", [False, True])
 def test_cifar10_epoch_reports_error_rate(tmp_path, monkeypatch, augment):
     import torchvision.datasets.cifar as cifar
@@ -39,16 +53,7 @@ def test_cifar10_epoch_reports_error_rate(tmp_path, monkeypatch, augment):
     monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)  # fake files, fake md5s
     cfg = load_config(
         "cifar10plus_densenet100_ptl" if augment else "cifar10_densenet100_ptl",
-        [
-            f"data.root={tmp_path / 'data'}",
-            f"out={tmp_path / 'out'}",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "optim.epochs=1",
-            "model.kwargs={in_channels: 3}",
-            "train.progress=false",
-            "train.tensorboard=false",
-        ],
+        one_epoch_overrides(tmp_path / "data", tmp_path / "out"),
     )
     assert cfg["data"]["augment"] is augment
     res = run(cfg, build=tiny_build, verbose=False)
@@ -118,18 +123,7 @@ def test_reid_epoch_on_a_fake_market_folder(tmp_path, triplet):
 
 def reid_overrides(root: Path, out: Path) -> list[str]:
     """A 16x8 one-epoch run with the stand-in network."""
-    return [
-        f"data.root={root}",
-        f"out={out}",
-        "data.height=16",
-        "data.width=8",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "optim.epochs=1",
-        "model.kwargs={in_channels: 3}",
-        "train.progress=false",
-        "train.tensorboard=false",
-    ]
+    return [*one_epoch_overrides(root, out), "data.height=16", "data.width=8"]
 
 
 def test_folder_dataset_trains_through_the_engine(tmp_path):
