@@ -64,6 +64,13 @@ def capture_rng() -> dict:
     return state
 
 
+def rank_rng(ckpt: dict, rank: int, world: int) -> dict:
+    """The RNG state `rank` saved (rank 0's for a checkpoint of another world size, or one
+    written before every rank's was saved)."""
+    ranks = ckpt.get("rng_ranks", [])
+    return ranks[rank] if len(ranks) == world else ckpt["rng"]
+
+
 def restore_rng(state: dict) -> None:
     random.setstate(_to_tuples(state["python"]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -92,12 +99,15 @@ def save_checkpoint(
     previous_stages: list[dict] = (),
     run_config: dict | None = None,
     pending_eval: bool = False,
+    other_ranks_rng: list[dict] = (),
 ) -> None:
     """Write the state after `epoch` (1-based, completed) of `stage`. meta: IDENTITY_KEYS;
     config: the stage's config; run_config: the whole run's (every stage; check_resume compares
     it with a resumed run's); previous_stages: the results of the stages before this one
     (sequential fine-tuning); pending_eval: written before the epoch's evaluation (its metrics
-    are not in `history` yet, the RNG states are those the evaluation starts from)."""
+    are not in `history` yet, the RNG states are those the evaluation starts from);
+    other_ranks_rng: under DDP, ranks 1.. RNG states (capture_rng), saved beside this process's
+    so that every rank resumes its own random stream (rank_rng)."""
     atomic_save(
         {
             "format": FORMAT,
@@ -109,6 +119,7 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": capture_rng(),
+            "rng_ranks": [capture_rng(), *other_ranks_rng],
             "config": config,
             "run_config": run_config,
             "history": history,

@@ -50,6 +50,15 @@ def sync_cell_states(model: nn.Module, world: int) -> None:
             t.div_(world)
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """[every rank's obj] in rank order, on every rank (a collective: all ranks must call it)."""
+    if info.world == 1:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()

@@ -28,16 +28,18 @@ from ptl_fused import reset_states
 from .checkpoint import (
     CheckpointError,
     atomic_save,
+    capture_rng,
     check_identity,
     check_resume,
     load_checkpoint,
     load_model_state,
+    rank_rng,
     restore_rng,
     save_checkpoint,
 )
 from .config import ConfigError, dump, num_stages, stage_config
 from .data import Task, build_task
-from .distributed import DistInfo, barrier, init_distributed, sync_cell_states
+from .distributed import DistInfo, barrier, gather_objects, init_distributed, sync_cell_states
 from .logs import EpochLog
 from .losses import ClassificationLoss, DistillationLoss
 
@@ -289,8 +291,14 @@ def train_stage(
         )
     loader, sampler = make_train_loader(task, cfg, info, device)
     log = EpochLog(folder, cfg["train"]["tensorboard"]) if info.is_main else None
+    # The other ranks' RNG states at the last epoch end, for rank 0's checkpoints (DDP).
+    others: list[dict] = []
     if resume is not None:
-        restore_rng(resume[0]["rng"])  # last: building the loader etc. must not disturb it
+        saved = resume[0]
+        others = [rank_rng(saved, r, info.world) for r in range(1, info.world)]
+        restore_rng(
+            rank_rng(saved, info.rank, info.world)
+        )  # last: building the loader etc. must not disturb it
     epochs, every = o["epochs"], cfg["eval"]["every"]
     sync = cfg["ddp"]["state_sync"] == "mean" and info.world > 1
 
@@ -312,6 +320,7 @@ def train_stage(
             previous_stages=previous,
             run_config=run_cfg if run_cfg is not None else cfg,
             pending_eval=pending_eval,
+            other_ranks_rng=others,
         )
 
     def evaluate(row: dict) -> None:
@@ -360,6 +369,7 @@ def train_stage(
         scheduler.step()
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
+        others = gather_objects(capture_rng(), info)[1:]  # every rank, before rank 0 saves
         if info.is_main:
             save(epoch + 1, pending_eval=evaluated_at(epoch))
             if evaluated_at(epoch):
