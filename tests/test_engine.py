@@ -618,8 +618,10 @@ def test_cli_user_errors_are_one_line_with_status_2_bugs_keep_their_traceback(tm
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert re.fullmatch(f"ptl-train: error: {message}.*\n", err), err
+        assert re.fullmatch(f"ptl-train: error: {message}.* \\(--traceback shows where\\)\n", err), err
         assert "weights_only" not in err
+    with pytest.raises(ValueError, match="the digits job runs many trainings"):  # --traceback: raised
+        cli.main(["--resume", str(junk), "--traceback"])
     monkeypatch.setattr(cli, "run", lambda cfg, resume=None: [][0])  # a bug: IndexError
     with pytest.raises(IndexError):
         cli.main(["market1501_resnet50_ptl"])

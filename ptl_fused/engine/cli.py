@@ -33,6 +33,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--pretrained", metavar="PATH", help="local torchvision state dict (same as model.pretrained=PATH)"
     )
+    p.add_argument(
+        "--traceback",
+        action="store_true",
+        help="show the traceback of an error (by default a config, data or checkpoint error is one line)",
+    )
     return p.parse_intermixed_args(argv)  # options may come between the overrides
 
 
@@ -59,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(cfg, resume=a.resume)
     except USER_ERRORS as e:
-        print(f"ptl-train: error: {one_line(e)}", file=sys.stderr)
+        if a.traceback:
+            raise
+        print(f"ptl-train: error: {one_line(e)} (--traceback shows where)", file=sys.stderr)
         return 2
     return 0
 
