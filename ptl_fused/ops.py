@@ -103,12 +103,10 @@ def bconv_cell_v2(
     check_v2_inputs(x, weight, weight_rec, bias_rec, h_prev, h_alpha, (x.shape[0], cout, ho, wo))
     if (c_prev is None) != (h_prev is None):
         raise ValueError("c_prev and h_prev must both be tensors, or both None (the zero state of inference)")
-    if isinstance(h_alpha, Tensor):
-        h_alpha = h_alpha.detach()  # a constant of the aggregation, on every backend
-    else:
-        h_alpha = float(h_alpha)  # numpy scalars too
-    alpha = h_alpha if isinstance(h_alpha, Tensor) else None
-    impl = _resolve(backend, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, alpha)
+    # A constant of the aggregation on every backend (no gradient, no tangent); numpy scalars
+    # become floats.
+    h_alpha = h_alpha.detach() if isinstance(h_alpha, Tensor) else float(h_alpha)
+    impl = _resolve(backend, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
     inference = c_prev is None
     if inference:
         if not _needs_grad(x, weight, bias, weight_rec, bias_rec):

@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, read back with clear errors, RNG states included.
 
 A checkpoint holds the model, optimizer, LR scheduler and GradScaler states, the stage and
-epoch just finished, the RNG states (python, numpy, torch, cuda) and the config (the stage's
+epoch just finished, every rank's RNG states (python, numpy, torch, cuda) and the config (the stage's
 and the whole run's: a resumed run must have the same settings, see check_resume). The cells'
 carried state is *not* saved: it is reset at the start of every epoch (DESIGN.md §1), and a
 checkpoint is written at an epoch's end, so a resumed run starts its next epoch from the same
@@ -67,8 +67,9 @@ def capture_rng() -> dict:
 def rank_rng(ckpt: dict, rank: int, world: int) -> dict:
     """The RNG state `rank` saved (rank 0's for a checkpoint of another world size, or one
     written before every rank's was saved)."""
-    ranks = ckpt.get("rng_ranks", [])
-    return ranks[rank] if len(ranks) == world else ckpt["rng"]
+    saved = ckpt["rng"]
+    ranks = saved if isinstance(saved, list) else [saved]  # a dict: rank 0's alone
+    return ranks[rank] if len(ranks) == world else ranks[0]
 
 
 def restore_rng(state: dict) -> None:
@@ -118,8 +119,7 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": capture_rng(),
-            "rng_ranks": [capture_rng(), *other_ranks_rng],
+            "rng": [capture_rng(), *other_ranks_rng],  # one per rank
             "config": config,
             "run_config": run_config,
             "history": history,

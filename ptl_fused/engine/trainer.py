@@ -296,9 +296,8 @@ def train_stage(
     if resume is not None:
         saved = resume[0]
         others = [rank_rng(saved, r, info.world) for r in range(1, info.world)]
-        restore_rng(
-            rank_rng(saved, info.rank, info.world)
-        )  # last: building the loader etc. must not disturb it
+        # Last: building the loader etc. must not disturb it.
+        restore_rng(rank_rng(saved, info.rank, info.world))
     epochs, every = o["epochs"], cfg["eval"]["every"]
     sync = cfg["ddp"]["state_sync"] == "mean" and info.world > 1
 
