@@ -183,6 +183,24 @@ def test_query_without_any_gallery_match_stops_before_training(tmp_path, monkeyp
         run(cfg, build=tiny_build, verbose=False)
 
 
+def test_a_later_stages_missing_dataset_stops_before_the_first_trains(tmp_path, monkeypatch):
+    import ptl_fused.engine.trainer as trainer
+
+    duke = fake_market(tmp_path / "DukeMTMC-reID")
+    missing = tmp_path / "MSMT17_V1"
+    monkeypatch.setattr(trainer, "train_epoch", lambda *a: pytest.fail("trained before the check"))
+    cfg = load_config(
+        "sequential_duke_market_msmt17_resnet50_ptl",
+        [
+            *reid_overrides(duke, tmp_path / "out"),
+            f"stages=[{{data: {{name: dukemtmc, root: {duke}}}}}, {{data: {{name: msmt17, root: {missing}}}}}]",
+        ],
+    )
+    with pytest.raises(FileNotFoundError, match=rf"data.root={re.escape(str(missing))} does not exist"):
+        run(cfg, build=tiny_build, verbose=False)
+    assert not (tmp_path / "out").exists(), "nothing written for a run that cannot finish"
+
+
 def test_too_few_identities_for_a_pk_batch_says_how_p_is_made(tmp_path):
     root = fake_market(tmp_path / "Market-1501")  # 4 training identities
     cfg = load_config(

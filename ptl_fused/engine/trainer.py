@@ -145,6 +145,10 @@ def run(
         )
     if ckpt is not None:  # before config.yaml: it must describe what runs
         check_resume(ckpt, ckpt_path, cfg)
+    # A later stage's missing or unusable dataset fails now, not after the earlier stages have
+    # trained for hours: each is read once, as its stage will read it, and let go.
+    for s in range(first + 1, num_stages(cfg)):
+        build_task(stage_config(cfg, s), device)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump(cfg))
