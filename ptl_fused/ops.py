@@ -113,8 +113,12 @@ def bconv_cell_v2(
             w3, m = v2_eval_params(weight, bias, bias_rec, x.shape[-2:], stride, padding)
             return impl.bconv_cell_eval(x, w3, None, m, stride, padding), None, None
         c_prev = h_prev = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
-    if impl.name != "reference":
-        h_alpha = torch.as_tensor(h_alpha, dtype=state_dtype(x.dtype), device=x.device).reshape(())
+    if impl.name != "reference":  # a device scalar; torch.full copies no host value (no sync)
+        dtype = state_dtype(x.dtype)
+        if isinstance(h_alpha, Tensor):
+            h_alpha = h_alpha.to(dtype).reshape(())
+        else:
+            h_alpha = torch.full((), h_alpha, dtype=dtype, device=x.device)
     y, c_new, h_new = impl.bconv_cell_v2(
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding
     )

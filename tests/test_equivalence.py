@@ -10,6 +10,7 @@ from cells import (
     CHANNELS_LAST_CASES,
     DTYPES,
     WIDE_CASES,
+    Case,
     backend_params,
     call,
     cast_inputs,
@@ -91,3 +92,32 @@ def test_channels_last_in_channels_last_out(backend, device, v2):
     args = to_channels_last(cast_inputs(make_inputs(case, v2), torch.float32, device))
     for out in call(backend, args, case, v2):
         assert out.is_contiguous(memory_format=torch.channels_last) or backend == "reference"
+
+
+def _x_channels_last(args):
+    # Only x in channels_last; the 1x1 states stay NCHW, whose strides differ from a
+    # channels_last y's in the size-1 dimensions alone (the layouts still count as equal).
+    return {n: to_channels_last({n: t})[n] if n == "x" else t for n, t in args.items()}
+
+
+def _x_channel_slice(args):
+    # x a slice of the channels of a wider batch-1 tensor: contiguous, yet its batch stride is
+    # not C·H·W (a size-1 dimension again).
+    x = args["x"]
+    wide = torch.zeros(1, 2 * x.shape[1], *x.shape[2:], dtype=x.dtype, device=x.device)
+    wide[:, : x.shape[1]] = x.detach()
+    wide.requires_grad_()
+    sliced = wide[:, : x.shape[1]]
+    sliced.retain_grad()
+    return {**args, "x": sliced}
+
+
+@pytest.mark.parametrize(
+    "case,layout",
+    [(Case(2, 4, 4, 3, 3, 3, 1, 0), _x_channels_last), (Case(1, 3, 4, 7, 5, 3, 1, 1), _x_channel_slice)],
+    ids=["1x1-out-x-channels_last", "B1-x-channel-slice"],
+)
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_layouts_that_differ_only_in_size_one_strides(backend, device, v2, case, layout):
+    check_cell(backend, device, case, v2, torch.float32, make_inputs(case, v2), layout=layout)

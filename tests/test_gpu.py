@@ -97,6 +97,48 @@ def test_cuda_graph_eval_shortcut(backend, v2):
             torch.testing.assert_close(static_y, model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_the_second_gpu_while_the_first_is_current(backend, v2):
+    # Triton launches on the current device unless told; the C++ backend guards itself.
+    from cells import CASES, check_cell, make_inputs
+
+    assert torch.cuda.current_device() == 0
+    case = CASES[1]
+    check_cell(backend, "cuda:1", case, v2, torch.float32, make_inputs(case, v2))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_v2_op_with_a_float_h_alpha_captures_in_a_cuda_graph(backend):
+    # A Python h_alpha becomes a device scalar without a host copy (a copy would fail capture).
+    from ptl_fused import ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, c, h = (torch.randn(2, n, 7, 5, device="cuda", generator=g) for n in (3, 4, 4))
+    w, wr = (
+        torch.randn(16, 6, 3, 3, device="cuda", generator=g),
+        torch.randn(4, 3, 3, 3, device="cuda", generator=g),
+    )
+
+    def cell():
+        return ops.bconv_cell_v2(x, w, None, wr, None, c, h, 0.25, stride=1, padding=1, backend=backend)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            cell()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = cell()
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        for a, b in zip(static, cell(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_engine_trains_with_amp_on_the_gpu(tmp_path, amp):
     # The trainer's GPU path: autocast (GradScaler for fp16) with the cells' float32 state.

@@ -193,7 +193,8 @@ def test_a_later_stages_missing_dataset_stops_before_the_first_trains(tmp_path, 
         "sequential_duke_market_msmt17_resnet50_ptl",
         [
             *reid_overrides(duke, tmp_path / "out"),
-            f"stages=[{{data: {{name: dukemtmc, root: {duke}}}}}, {{data: {{name: msmt17, root: {missing}}}}}]",
+            f"stages=[{{data: {{name: dukemtmc, root: {duke}}}}}, "
+            f"{{data: {{name: msmt17, root: {missing}}}}}]",
         ],
     )
     with pytest.raises(FileNotFoundError, match=rf"data.root={re.escape(str(missing))} does not exist"):

@@ -10,6 +10,8 @@ concatenation is materialised). Fusing the recovery into the gate kernel would r
 each X~ tile k·k times per output tile; whether that wins is for a GPU benchmark to say.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -91,6 +93,19 @@ def _outputs(x, weight, c_prev, stride, padding, save_gates, v2):
     return outs, gates, fmt
 
 
+def on_device(t: Tensor):
+    """Triton launches (and autotunes) on the current CUDA device and its stream, wherever the
+    arguments live: make it the tensors' device, as ATen's ops and the C++ backend's guard do."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same strides where it matters: a size-1 dimension's stride is never multiplied by a
+    nonzero index, and `contiguous(fmt)` leaves it as it was."""
+    pairs = zip(a.shape, a.stride(), b.stride(), strict=True)
+    return a.shape == b.shape and all(n == 1 or s == t for n, s, t in pairs)
+
+
 def check_32bit(**tensors: Tensor | None) -> None:
     """Refuse, naming it, a tensor whose elements span 2^31 or more: the kernels compute their
     offsets in int32 (Triton types size and stride arguments below 2^31 as i32)."""
@@ -122,25 +137,26 @@ def _launch_fwd(
         weight = weight.unflatten(1, (2 if v2 else 1, -1)).permute(0, 1, 3, 4, 2)
     weight = weight.contiguous()
     ss = y.stride()
-    for t in (c_new, c_prev, h_prev, h_new):
-        assert t is None or t.stride() == ss, "state-shaped tensors must share y's layout"
+    for t in (c_new, c_prev, h_prev, h_new):  # the kernel addresses them with y's strides
+        assert t is None or same_layout(t, y), "state-shaped tensors must share y's layout"
     sg = gates.stride() if gates.dim() == 4 else (0, 0, 0, 0)
     if v2:
-        assert x_rec.stride() == x.stride()
+        assert same_layout(x_rec, x), "x~ must share x's layout"
     grid = lambda meta: (triton.cdiv(b * ho * wo, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
     if evaluate:  # unused pointer arguments get y
         c_prev = c_new = y
-    bconv_cell_fwd_kernel[grid](
-        x, x_rec if v2 else x, weight, bias if bias is not None else weight,
-        c_prev, h_prev if v2 else c_prev, h_alpha if v2 else c_prev,
-        y, c_new, h_new if v2 else c_new, gates if gates.numel() else y,
-        gate_map if gate_map is not None else y,
-        b, x.shape[1], x.shape[2], x.shape[3], cout, ho, wo, stride, padding,
-        *x.stride(), *ss, *sg,
-        KS=weight.shape[-2], V2=v2, HAS_BIAS=bias is not None, SAVE_GATES=gates.numel() > 0,
-        EVAL=evaluate, HAS_MAP=gate_map is not None, TAP_MAJOR=tap_major,
-        DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc(x.dtype),
-    )  # fmt: skip
+    with on_device(x):
+        bconv_cell_fwd_kernel[grid](
+            x, x_rec if v2 else x, weight, bias if bias is not None else weight,
+            c_prev, h_prev if v2 else c_prev, h_alpha if v2 else c_prev,
+            y, c_new, h_new if v2 else c_new, gates if gates.numel() else y,
+            gate_map if gate_map is not None else y,
+            b, x.shape[1], x.shape[2], x.shape[3], cout, ho, wo, stride, padding,
+            *x.stride(), *ss, *sg,
+            KS=weight.shape[-2], V2=v2, HAS_BIAS=bias is not None, SAVE_GATES=gates.numel() > 0,
+            EVAL=evaluate, HAS_MAP=gate_map is not None, TAP_MAJOR=tap_major,
+            DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc(x.dtype),
+        )  # fmt: skip
 
 
 @torch.library.custom_op("ptl_fused::triton_bconv_cell_fwd", mutates_args=())
@@ -197,12 +213,14 @@ def _recover(x, weight_rec, bias_rec, h_prev, stride, padding, fmt):
     x_rec = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     weight_rec = weight_rec.contiguous()
     grid = lambda meta: (triton.cdiv(b * h * w, meta["BLOCK_M"]), triton.cdiv(cin, meta["BLOCK_N"]))  # noqa: E731
-    recovery_kernel[grid](
-        h_prev, weight_rec, bias_rec if bias_rec is not None else weight_rec, x_rec,
-        b, cout, h_prev.shape[2], h_prev.shape[3], cin, h, w, stride, padding,
-        *h_prev.stride(), *x_rec.stride(),
-        KS=k, HAS_BIAS=bias_rec is not None, DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc(x.dtype),
-    )  # fmt: skip
+    with on_device(x):
+        recovery_kernel[grid](
+            h_prev, weight_rec, bias_rec if bias_rec is not None else weight_rec, x_rec,
+            b, cout, h_prev.shape[2], h_prev.shape[3], cin, h, w, stride, padding,
+            *h_prev.stride(), *x_rec.stride(),
+            KS=k, HAS_BIAS=bias_rec is not None, DOT_PRECISION=_dot_precision(x.dtype),
+            ACC_DTYPE=_acc(x.dtype),
+        )  # fmt: skip
     return x_rec
 
 
@@ -261,14 +279,15 @@ def bconv_cell_bwd(
     n = c_prev.numel()
     if n:
         alpha = h_alpha.to(device=c_prev.device, dtype=c_prev.dtype).reshape(1) if v2 else c_prev
-        bconv_cell_bwd_kernel[(triton.cdiv(n, BWD_BLOCK),)](
-            gates, c_prev, gy if gy is not None else c_prev, gc if gc is not None else c_prev,
-            gh if gh is not None else c_prev, alpha, grad_z, grad_c_prev,
-            grad_h_prev if v2 else grad_c_prev,
-            n, c_prev.shape[1], c_prev.shape[2], c_prev.shape[3], *c_prev.stride(), *gates.stride(),
-            HAS_GY=gy is not None, HAS_GC=gc is not None, V2=v2, HAS_GH=gh is not None,
-            ACC_DTYPE=_acc(gates.dtype), BLOCK=BWD_BLOCK,
-        )  # fmt: skip
+        with on_device(gates):
+            bconv_cell_bwd_kernel[(triton.cdiv(n, BWD_BLOCK),)](
+                gates, c_prev, gy if gy is not None else c_prev, gc if gc is not None else c_prev,
+                gh if gh is not None else c_prev, alpha, grad_z, grad_c_prev,
+                grad_h_prev if v2 else grad_c_prev,
+                n, c_prev.shape[1], c_prev.shape[2], c_prev.shape[3], *c_prev.stride(), *gates.stride(),
+                HAS_GY=gy is not None, HAS_GC=gc is not None, V2=v2, HAS_GH=gh is not None,
+                ACC_DTYPE=_acc(gates.dtype), BLOCK=BWD_BLOCK,
+            )  # fmt: skip
     return grad_z, grad_c_prev, grad_h_prev
 
 
