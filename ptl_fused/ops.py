@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor
 from torch._C._functorch import TransformType, get_interpreter_stack
 
-from python_ref import eval_gate_rows, state_dtype, v2_gate_map
+from python_ref import eval_gate_rows, state_dtype
 
 from . import backends
 from ._validate import check_cell_inputs, check_eval_inputs, check_v2_inputs
@@ -110,8 +111,8 @@ def bconv_cell_v2(
     inference = c_prev is None
     if inference:
         if not _needs_grad(x, weight, bias, weight_rec, bias_rec):
-            w3, m = v2_eval_params(weight, bias, bias_rec, x.shape[-2:], stride, padding)
-            return impl.bconv_cell_eval(x, w3, None, m, stride, padding), None, None
+            w3, b3, m = v2_eval_params(weight, bias, bias_rec, x.shape[-2:], stride, padding)
+            return impl.bconv_cell_eval(x, w3, b3, m, stride, padding), None, None
         c_prev = h_prev = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
     if impl.name != "reference":  # a device scalar; torch.full copies no host value (no sync)
         dtype = state_dtype(x.dtype)
@@ -127,10 +128,24 @@ def bconv_cell_v2(
 
 def v2_eval_params(
     weight: Tensor, bias: Tensor | None, bias_rec: Tensor | None, size, stride: int, padding: int
-) -> tuple[Tensor, Tensor]:
-    """(weight3 (3·Cout, Cin, k, k), gate_map (3·Cout, Ho, Wo)) of v2's eval shortcut."""
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(weight3 (3·Cout, Cin, k, k), bias3 (3·Cout,) or None, gate_map (3·Cout, Ho, Wo) or None)
+    of v2's eval shortcut: bias3 + gate_map = python_ref.v2_gate_map, at a fraction of its cost.
+
+    X~ is bias_rec in every pixel, so its convolution is, per gate row and tap, the sum over
+    channels of weight·bias_rec (one pass over the recovery columns, nothing copied), convolved
+    over a plane of ones (zero padding cuts it at the borders). Without bias_rec X~ = 0: no map,
+    and v2 eval is v1's on the x columns.
+    """
     cin = weight.shape[1] // 2
-    return eval_gate_rows(weight[:, :cin]), v2_gate_map(weight, bias, bias_rec, tuple(size), stride, padding)
+    weight3 = eval_gate_rows(weight[:, :cin])
+    bias3 = None if bias is None else eval_gate_rows(bias)
+    if bias_rec is None:
+        return weight3, bias3, None
+    rec = weight[:, cin:]  # (4·Cout, Cin, k, k), a view; matmul reads it in place (einsum copies)
+    taps = torch.matmul(bias_rec.to(weight.dtype), rec.flatten(2)).view(-1, *rec.shape[2:])
+    ones = weight.new_ones(1, 1, *size)
+    return weight3, None, F.conv2d(ones, eval_gate_rows(taps).unsqueeze(1), bias3, stride, padding)[0]
 
 
 def bconv_cell_eval(

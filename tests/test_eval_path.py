@@ -15,6 +15,7 @@ from cells import (
     CHANNELS_LAST_CASES,
     DTYPES,
     WIDE_CASES,
+    Case,
     backend_params,
     cast_inputs,
     eval_shortcut,
@@ -34,6 +35,23 @@ def test_reference_shortcut_is_the_zero_state_cell(case, v2, bias):
     want = zero_state_reference(args, case, v2)
     got = eval_shortcut(args, case, v2, "reference")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias,bias_rec", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("case", [*CASES, Case(2, 5, 3, 6, 9, 5, 2, 2)], ids=str)
+def test_v2_eval_params_are_the_reference_gate_map(case, bias, bias_rec):
+    # ops' channel-sum-then-ones-plane form of the map against python_ref's constant X~ conv.
+    a = cast_inputs(make_inputs(case, True), torch.float64, "cpu", requires_grad=False)
+    b, b_rec = a["bias"] if bias else None, a["bias_rec"] if bias_rec else None
+    size, s, p = (case.h, case.w), case.stride, case.padding
+    w3, b3, gate_map = ops.v2_eval_params(a["weight"], b, b_rec, size, s, p)
+    assert (gate_map is None) == (not bias_rec) and (b3 is None) == (gate_map is not None or not bias)
+    got = torch.zeros(3 * case.cout, *case.out_hw, dtype=torch.float64)
+    got += 0 if gate_map is None else gate_map
+    got += 0 if b3 is None else b3.view(-1, 1, 1)
+    want = python_ref.v2_gate_map(a["weight"], b, b_rec, size, s, p)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w3, python_ref.eval_gate_rows(a["weight"][:, : case.cin]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
