@@ -107,7 +107,18 @@ class _BConvCellBase(nn.Module):
             return
         self.state = new[0] if len(new) == 1 else new
 
-    def _check_not_recomputed(self) -> None:
+    def _check_training_call(self) -> None:
+        """A training forward reads and advances the carried state: refuse the calls where that
+        state cannot be carried correctly."""
+        if _under_func_transform():
+            raise RuntimeError(
+                f"{type(self).__name__}: a training forward under a torch.func transform (grad, vmap, "
+                "jacrev, jvp, ...). The cell advances its carried state, and a transform cannot "
+                "hand that state back out: the stored state would be the transform's wrapper and "
+                "break the next call. Run the cell in eval mode under the transform, or use "
+                "ptl_fused.ops.bconv_cell / bconv_cell_v2, which take the state as an argument "
+                "and return the new one."
+            )
         if _inside_backward():
             raise RuntimeError(
                 f"{type(self).__name__}: a training forward is running inside backward, as activation "
@@ -159,7 +170,7 @@ class BConvCell(_BConvCellBase):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self._eval_forward(x)
-        self._check_not_recomputed()
+        self._check_training_call()
         shape = self.state_shape(x)
         c_prev = self._previous(self.state, shape, x, "state")
         y, c_new = ops.bconv_cell(
@@ -228,7 +239,7 @@ class BConvCellV2(_BConvCellBase):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self._eval_forward(x)
-        self._check_not_recomputed()
+        self._check_training_call()
         shape = self.state_shape(x)
         c_state, h_state = self.state if self.state is not None else (None, None)
         c_prev = self._previous(c_state, shape, x, "state[0] (C)")
@@ -284,6 +295,14 @@ def _inside_backward() -> bool:
     torch.compile, whose graphs recompute from saved inputs; compiled autograd re-running an
     eager reentrant checkpoint is not caught."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _under_func_transform() -> bool:
+    """True inside torch.func.grad/vmap/jacrev/jvp/... (functorch's interpreter stack is not
+    empty). Not traced by torch.compile, whose own graphs use no such transform."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._functorch.get_interpreter_stack())
 
 
 def _left_by_inference_mode(state: Tensor | None) -> bool:

@@ -205,6 +205,36 @@ def test_activation_checkpointing_an_eval_cell_gives_the_plain_gradients(v2, mod
         torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev", "jvp"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_a_training_cell_under_a_torch_func_transform_is_a_clear_error(v2, transform):
+    # Before: v2 failed inside torch on its count buffer; v1 stored the transform's wrapper
+    # as its state, so the next call (or a deepcopy, a pickle) failed inside torch.
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+    cell = _make(v2, "cpu").double()
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    cell(x)
+    before = [s.clone() for s in (cell.state if v2 else (cell.state,))]
+    params = dict(cell.named_parameters())
+    calls = {
+        "grad": lambda: grad(lambda p: functional_call(cell, p, (x,)).sum())(params),
+        "vmap": lambda: vmap(cell)(x.unsqueeze(1)),
+        "jacrev": lambda: jacrev(cell)(x),
+        "jvp": lambda: jvp(cell, (x,), (torch.ones_like(x),)),
+    }
+    with pytest.raises(RuntimeError, match="training forward under a torch.func transform"):
+        calls[transform]()
+    after = cell.state if v2 else (cell.state,)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)), "state untouched"
+    copy.deepcopy(cell)(x)  # and the cell goes on as before
+    cell.eval()  # eval carries nothing: the transform's own derivative of the shortcut
+    g = grad(lambda t: cell(t).sum())(x)
+    t = x.clone().requires_grad_()
+    cell(t).sum().backward()
+    torch.testing.assert_close(g, t.grad)
+
+
 def test_running_mean_count_survives_a_failed_call_and_to_empty():
     cell = BConvCellV2(2, 2, 1)
     with pytest.raises(TypeError):  # x in another dtype than the weights: nothing may advance

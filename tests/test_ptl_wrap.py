@@ -13,7 +13,7 @@ from torchvision import models as tvm
 
 import ptl_fused
 from ptl_fused import BConvCell, BConvCellV2
-from ptl_fused.models import find_stages, ptl_wrap
+from ptl_fused.models import PTLNet, find_stages, ptl_wrap
 from python_ref.ptl_net import ptl_forward
 
 # family -> (builder, halvings of the cell chains (hand-derived from the architecture),
@@ -158,8 +158,12 @@ def test_size_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="17x17 to 8x8"):
         ptl_wrap(backbone, "auto", input_size=(68, 68))
     net = ptl_wrap(backbone, "auto", input_size=(64, 64), backend="cpu").eval()
-    with pytest.raises(ValueError, match=r"input_size=\(64, 64\)"):
+    with pytest.raises(ValueError, match=r"input_size=\(64, 64\)") as e:
         net(torch.randn(1, 3, 68, 68))
+    # the advice names both ways out: the images' own size, or one its cells can follow
+    assert "input_size = your images' size" in str(e.value) and "divisible by its total stride" in str(
+        e.value
+    )
 
 
 def test_size_mismatch_names_each_tensor_with_its_own_shape():
@@ -190,6 +194,22 @@ def test_bad_arguments():
         ptl_wrap(backbone, list(backbone), cell=None, out_channels=7, input_size=(16, 12))
     with pytest.raises(ValueError, match="stage 1 .* in_channels"):
         ptl_wrap(backbone, list(backbone), input_size=(16, 12), in_channels=1)
+    for bad in (0, -5, 2.0):  # 0 used to mean the last stage's width, silently
+        with pytest.raises(ValueError, match=f"out_channels must be a positive int or None.*got {bad}"):
+            ptl_wrap(backbone, list(backbone), out_channels=bad, input_size=(16, 12))
+
+
+def test_ptlnet_takes_stages_for_a_backbone_auto_cannot_split():
+    with pytest.raises(
+        ValueError, match=r"cannot discover the stages of a RegNet.*\(to ptl_wrap or PTLNet\)"
+    ):
+        PTLNet("regnet_y_400mf", 5, input_size=(64, 32), backend="cpu")
+    names = ["stem", *(f"trunk_output.block{i}" for i in range(1, 5))]
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        net = PTLNet("regnet_y_400mf", 5, input_size=(64, 32), backend="cpu", stages=names)
+    assert [c for c, _, _ in net.body.stage_shapes] == [3, 32, 48, 104, 208, 440]
+    out = net.train()(torch.randn(2, 3, 64, 32))
+    assert out.logits[0].shape == (2, 5)
 
 
 def test_measuring_keeps_the_training_flags():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 from torch import Tensor, nn
@@ -10,8 +11,7 @@ from torchvision import models as tvm
 
 from .heads import HEADS, ModelOutput
 from .pretrained import load_backbone_weights, warn_random_init
-from .ptl_wrap import PTLBackbone, ptl_wrap
-from .stages import find_stages
+from .ptl_wrap import PTLBackbone, ptl_wrap, resolve_stages
 
 
 class PTLModel(nn.Module):
@@ -54,6 +54,9 @@ class PTLNet(PTLModel):
     last_stride: stride of ResNet's layer4 (None: 1, the ReID convention); other backbones keep
     their own strides, so DenseNet-161 ends at 1/32 as in the paper.
     input_size: the image size the cell strides are fitted to (DESIGN.md: 256x128 for ReID).
+    stages: "auto" (ResNet, DenseNet, MobileNet, EfficientNet, ConvNeXt, VGG), or the backbone's
+    stage submodule names in order, for any other torchvision CNN (e.g. RegNet: "stem",
+    "trunk_output.block1", ...).
     """
 
     def __init__(
@@ -69,9 +72,10 @@ class PTLNet(PTLModel):
         input_size: tuple[int, int] = (256, 128),
         kernel_size: int = 3,
         state_init: str = "zeros",
+        stages: Sequence[str] | Literal["auto"] = "auto",
     ) -> None:
         backbone = torchvision_backbone(arch)
-        stages = find_stages(backbone)
+        stages = resolve_stages(backbone, stages)
         if pretrained is None:
             warn_random_init(f"PTLNet({arch!r})")
         else:

@@ -107,7 +107,7 @@ class PTLBackbone(nn.Module):
         if len(input_size) != 2 or min(input_size) < 1:
             raise ValueError(f"input_size must be (H, W) with H, W >= 1, got {input_size!r}")
         self.input_size, self.in_channels = tuple(input_size), in_channels
-        self.stages = nn.ModuleList(_resolve_stages(backbone, stages))
+        self.stages = nn.ModuleList(resolve_stages(backbone, stages))
         self.stage_shapes = measure_stages(self.stages, input_size, in_channels)
         channels = [c for c, _, _ in self.stage_shapes]
         k = len(self.stages)
@@ -129,7 +129,12 @@ class PTLBackbone(nn.Module):
             _halvings(i, self.stage_shapes[i][1:], self.stage_shapes[i + 1][1:], kernel_size, input_size)
             for i in range(k)
         ]
-        self.cell_channels, self.out_channels = widths, out_channels or channels[-1]
+        if out_channels is not None and (not isinstance(out_channels, int) or out_channels < 1):
+            raise ValueError(
+                f"out_channels must be a positive int or None (the last stage's), got {out_channels!r}"
+            )
+        self.cell_channels = widths
+        self.out_channels = channels[-1] if out_channels is None else out_channels
         cell_kw = dict(kernel_size=kernel_size, state_init=state_init, backend=backend)
         chains = [make_cell_chain(cell, in_channels, widths[0], self.halvings[0], **cell_kw)]
         fuses = []
@@ -161,8 +166,11 @@ class PTLBackbone(nn.Module):
         if x.shape[-2:] != y.shape[-2:]:
             raise ValueError(
                 f"PTL: x^{i} {tuple(x.shape)} and y^{i - 1} {tuple(y.shape)} differ in size: the cell "
-                f"strides were chosen from the stage sizes at input_size={self.input_size}; build with "
-                "an input_size whose stage-by-stage resolution ratios match your images"
+                f"strides were chosen from the stage sizes at input_size={self.input_size}, and these "
+                "images halve differently. Build with input_size = your images' size. Where that is "
+                "refused, the backbone rounds down when it halves (pooling: DenseNet, VGG, ConvNeXt) "
+                "while a stride-2 cell rounds up, so it can only be followed at image sizes divisible "
+                "by its total stride: resize or crop the images to one"
             )
         return torch.cat([y, x] if y_first else [x, y], dim=1)
 
@@ -202,7 +210,8 @@ def ptl_wrap(
     )
 
 
-def _resolve_stages(backbone: nn.Module, stages: Sequence[str | nn.Module] | str) -> list[nn.Module]:
+def resolve_stages(backbone: nn.Module, stages: Sequence[str | nn.Module] | str) -> list[nn.Module]:
+    """The stage modules: found by stages="auto", or named (submodule paths) or given."""
     if isinstance(stages, str):
         if stages != "auto":
             raise ValueError(

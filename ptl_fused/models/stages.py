@@ -34,9 +34,10 @@ def find_stages(model: nn.Module) -> list[nn.Module]:
         return _group_by_resolution(model.features)
     raise ValueError(
         f"cannot discover the stages of a {type(model).__name__}: stages='auto' knows torchvision's "
-        "ResNet, DenseNet, MobileNetV2/V3, EfficientNet, ConvNeXt and VGG. Pass "
-        "stages=[...] instead: the names of the submodules (e.g. ['stem', 'layer1', 'layer2']) or "
-        "the modules themselves, in order, such that x^i = stages[i-1](x^(i-1)) and x^0 is the image"
+        "ResNet, DenseNet, MobileNetV2/V3, EfficientNet, ConvNeXt and VGG. Pass stages=[...] "
+        "instead (to ptl_wrap or PTLNet): the names of the submodules (e.g. ['stem', 'layer1', "
+        "'layer2']) or the modules themselves, in order, such that x^i = stages[i-1](x^(i-1)) and "
+        "x^0 is the image"
     )
 
 
