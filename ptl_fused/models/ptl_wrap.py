@@ -168,7 +168,7 @@ class PTLBackbone(nn.Module):
                 f"PTL: x^{i} {tuple(x.shape)} and y^{i - 1} {tuple(y.shape)} differ in size: the cell "
                 f"strides were chosen from the stage sizes at input_size={self.input_size}, and these "
                 "images halve differently. Build with input_size = your images' size. Where that is "
-                "refused, the backbone rounds down when it halves (pooling: DenseNet, VGG, ConvNeXt) "
+                "refused, the backbone rounds down when it halves (DenseNet's and VGG's pooling, ConvNeXt) "
                 "while a stride-2 cell rounds up, so it can only be followed at image sizes divisible "
                 "by its total stride: resize or crop the images to one"
             )
