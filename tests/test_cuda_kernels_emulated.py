@@ -372,3 +372,22 @@ def test_emulated_eval_epilogue(dtype, shape, with_map, channels_last, offset):
         m = (gate_map.permute(1, 2, 0) if channels_last else gate_map).contiguous()
     emulated().epilogue_eval(z, m, y[0], channels_last)
     assert_matches_oracle(f"{shape} eval y", _written_exactly("y", y), eager, oracle, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_emulated_backward_epilogue_keeps_a_nan_of_ys_path_out_of_a_state_only_gradient(dtype):
+    # Only C_b differentiated (no dy, no dH): y's path is absent, as in autograd, so a NaN
+    # output gate must not reach dz_i, dz_f, dz_g or dC_{b-1} through 0 * NaN.
+    g = torch.Generator().manual_seed(2)
+    shape = (2, 3, 5, 7)
+    z = _rand((2, 12, 5, 7), dtype, False, g)
+    z[0, 6, 1, 2] = float("nan")  # the output gate of channel 0 at one point
+    c_prev, gc = _rand(shape, dtype, False, g), _rand(shape, dtype, False, g)
+    zl, cl = z.detach().requires_grad_(), c_prev.detach().requires_grad_()
+    want = torch.autograd.grad((_cell_from_z(zl, cl, None, 0.0)[1] * gc).sum(), [zl, cl])
+    gates = _cell_from_z(z, c_prev, None, 0.0)[-1]
+    grad_z, grad_c = _out(z.shape, dtype, False, False), _out(shape, dtype, False, False)
+    emulated().epilogue_bwd(None, gc, None, c_prev, gates, None, grad_z[0], grad_c[0], None, False)
+    for name, got, ref in zip(("dz", "dc_prev"), (grad_z, grad_c), want, strict=True):
+        got = _written_exactly(name, got)
+        torch.testing.assert_close(got, ref, msg=name)

@@ -82,6 +82,7 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
   acc_t* gcp = cast<acc_t>(a.grad_c_prev);
   acc_t* ghp = cast<acc_t>(a.grad_h_prev);
   const acc_t alpha = static_cast<acc_t>(a.alpha);
+  const bool has_dy = gy || gh;  // does any gradient reach y?
   const int64_t n = a.geo.inner, gs = a.geo.gate_stride;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t g0 = a.geo.gate_base(r);
@@ -95,10 +96,10 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
       for (; j + Vec::size() <= n; j += Vec::size()) {
         const Vec dh = gh ? Vec::loadu(gh + s + j) : zero;
         const Vec dy = (gy ? Vec::loadu(gy + s + j) : zero) + va * dh;
-        const auto d =
-            cell_backward<Vec>(Vec::loadu(gr + j), Vec::loadu(gr + j + gs),
-                               Vec::loadu(gr + j + 2 * gs), Vec::loadu(gr + j + 3 * gs),
-                               Vec::loadu(cp + s + j), dy, gc ? Vec::loadu(gc + s + j) : zero);
+        const auto d = cell_backward<Vec>(Vec::loadu(gr + j), Vec::loadu(gr + j + gs),
+                                          Vec::loadu(gr + j + 2 * gs), Vec::loadu(gr + j + 3 * gs),
+                                          Vec::loadu(cp + s + j), dy,
+                                          gc ? Vec::loadu(gc + s + j) : zero, has_dy);
         d.dzi.store(gzr + j);
         d.dzf.store(gzr + j + gs);
         d.dzo.store(gzr + j + 2 * gs);
@@ -111,7 +112,7 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
       const acc_t dh = gh ? gh[s + j] : acc_t(0);
       const acc_t dy = (gy ? static_cast<acc_t>(gy[s + j]) : acc_t(0)) + alpha * dh;
       const auto d = cell_backward<acc_t>(gr[j], gr[j + gs], gr[j + 2 * gs], gr[j + 3 * gs],
-                                          cp[s + j], dy, gc ? gc[s + j] : acc_t(0));
+                                          cp[s + j], dy, gc ? gc[s + j] : acc_t(0), has_dy);
       gzr[j] = d.dzi;
       gzr[j + gs] = d.dzf;
       gzr[j + 2 * gs] = d.dzo;

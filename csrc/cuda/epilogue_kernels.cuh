@@ -114,7 +114,7 @@ __global__ void bwd_kernel(int64_t n, GateIndex gi, const scalar_t* __restrict__
       const acc_t dhj = gh ? dh.v[j] : acc_t(0);
       const acc_t dy = (gy ? static_cast<acc_t>(dy_in.v[j]) : acc_t(0)) + a * dhj;
       const auto d = cell_backward<acc_t>(i.v[j], f.v[j], o.v[j], g.v[j], c0.v[j], dy,
-                                          gc ? dc_in.v[j] : acc_t(0));
+                                          gc ? dc_in.v[j] : acc_t(0), gy || gh);
       dzi.v[j] = d.dzi;
       dzf.v[j] = d.dzf;
       dzo.v[j] = d.dzo;

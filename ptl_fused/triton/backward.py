@@ -11,10 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tanh(v):
-    return 2.0 / (1.0 + tl.exp(-2.0 * v)) - 1.0
+from .forward import _tanh
 
 
 @triton.jit
@@ -73,12 +70,16 @@ def bconv_cell_bwd_kernel(
         dy += alpha * dh
         tl.store(ghp_ptr + s_off, ((1.0 - alpha) * dh).to(ghp_ptr.dtype.element_ty), mask=mask)
     t = _tanh(f * c_prev + i * g)
-    dc = dy * o * (1.0 - t * t)
+    dc = tl.zeros_like(c_prev)
+    dzo = tl.zeros_like(c_prev)
+    if HAS_GY or HAS_GH:  # else y's path is absent, as in autograd (a NaN in o or t stays out)
+        dc = dy * o * (1.0 - t * t)
+        dzo = dy * t * o * (1.0 - o)
     if HAS_GC:
         dc += tl.load(gc_ptr + s_off, mask=mask, other=0.0).to(ACC_DTYPE)
     out = gz_ptr.dtype.element_ty
     tl.store(gz_ptr + g_off, (dc * g * i * (1.0 - i)).to(out), mask=mask)
     tl.store(gz_ptr + g_off + gstep, (dc * c_prev * f * (1.0 - f)).to(out), mask=mask)
-    tl.store(gz_ptr + g_off + 2 * gstep, (dy * t * o * (1.0 - o)).to(out), mask=mask)
+    tl.store(gz_ptr + g_off + 2 * gstep, dzo.to(out), mask=mask)
     tl.store(gz_ptr + g_off + 3 * gstep, (dc * i * (1.0 - g * g)).to(out), mask=mask)
     tl.store(gcp_ptr + s_off, (dc * f).to(gcp_ptr.dtype.element_ty), mask=mask)

@@ -57,7 +57,16 @@ def _sigmoid(v):
 
 @triton.jit
 def _tanh(v):
-    return 2.0 * _sigmoid(2.0 * v) - 1.0
+    """tanh as csrc/cell_math.h computes it: through exp, and near 0 (where that form's ~1 ulp
+    of 1 is a large relative error) the odd Taylor series; integer constants, exact in fp64."""
+    far = 2.0 * _sigmoid(2.0 * v) - 1.0
+    v2 = v * v
+    near = v * (1.0 + v2 * ((v2 * (42.0 - 17.0 * v2) - 105.0) / 315.0))
+    if v.dtype == tl.float64:
+        edge = 0.02
+    else:
+        edge = 0.25
+    return tl.where(tl.abs(v) < edge, near, far)
 
 
 @triton.jit
