@@ -299,7 +299,8 @@ def _inside_backward() -> bool:
 
 def _under_func_transform() -> bool:
     """True inside torch.func.grad/vmap/jacrev/jvp/... (functorch's interpreter stack is not
-    empty). Not traced by torch.compile, whose own graphs use no such transform."""
+    empty). Not checked while torch.compile traces: a transform compiled around a training
+    cell fails inside torch there, without this message."""
     if torch.compiler.is_compiling():
         return False
     return bool(torch._C._functorch.get_interpreter_stack())

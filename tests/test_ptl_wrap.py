@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,9 +195,12 @@ def test_bad_arguments():
         ptl_wrap(backbone, list(backbone), cell=None, out_channels=7, input_size=(16, 12))
     with pytest.raises(ValueError, match="stage 1 .* in_channels"):
         ptl_wrap(backbone, list(backbone), input_size=(16, 12), in_channels=1)
-    for bad in (0, -5, 2.0):  # 0 used to mean the last stage's width, silently
+    for bad in (0, -5, 2.0, True):  # 0 used to mean the last stage's width, silently
         with pytest.raises(ValueError, match=f"out_channels must be a positive int or None.*got {bad}"):
             ptl_wrap(backbone, list(backbone), out_channels=bad, input_size=(16, 12))
+    assert (
+        ptl_wrap(backbone, list(backbone), out_channels=np.int64(12), input_size=(16, 12)).out_channels == 12
+    )
 
 
 def test_ptlnet_takes_stages_for_a_backbone_auto_cannot_split():

@@ -24,6 +24,7 @@ w_i / 2^n, and Fuse_i projects to that width (MGN-PTL: fuse2 -> 128, bconv4 128 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Literal
 
@@ -129,12 +130,8 @@ class PTLBackbone(nn.Module):
             _halvings(i, self.stage_shapes[i][1:], self.stage_shapes[i + 1][1:], kernel_size, input_size)
             for i in range(k)
         ]
-        if out_channels is not None and (not isinstance(out_channels, int) or out_channels < 1):
-            raise ValueError(
-                f"out_channels must be a positive int or None (the last stage's), got {out_channels!r}"
-            )
         self.cell_channels = widths
-        self.out_channels = channels[-1] if out_channels is None else out_channels
+        self.out_channels = channels[-1] if out_channels is None else _positive_int(out_channels)
         cell_kw = dict(kernel_size=kernel_size, state_init=state_init, backend=backend)
         chains = [make_cell_chain(cell, in_channels, widths[0], self.halvings[0], **cell_kw)]
         fuses = []
@@ -168,9 +165,9 @@ class PTLBackbone(nn.Module):
                 f"PTL: x^{i} {tuple(x.shape)} and y^{i - 1} {tuple(y.shape)} differ in size: the cell "
                 f"strides were chosen from the stage sizes at input_size={self.input_size}, and these "
                 "images halve differently. Build with input_size = your images' size. Where that is "
-                "refused, the backbone rounds down when it halves (DenseNet's and VGG's pooling, ConvNeXt) "
-                "while a stride-2 cell rounds up, so it can only be followed at image sizes divisible "
-                "by its total stride: resize or crop the images to one"
+                "refused, the backbone rounds an odd size down when it halves (DenseNet's and VGG's "
+                "pooling, ConvNeXt) while a stride-2 cell rounds it up; image sizes divisible by its "
+                "total stride always work: resize or crop the images to one"
             )
         return torch.cat([y, x] if y_first else [x, y], dim=1)
 
@@ -208,6 +205,17 @@ def ptl_wrap(
         input_size,
         in_channels,
     )
+
+
+def _positive_int(n) -> int:
+    """out_channels as an int (numpy ints too; not bools), or a ValueError naming it."""
+    try:
+        value = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"out_channels must be a positive int or None (the last stage's), got {n!r}")
+    return value
 
 
 def resolve_stages(backbone: nn.Module, stages: Sequence[str | nn.Module] | str) -> list[nn.Module]:
