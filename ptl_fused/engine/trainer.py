@@ -145,10 +145,10 @@ def run(
         )
     if ckpt is not None:  # before config.yaml: it must describe what runs
         check_resume(ckpt, ckpt_path, cfg)
-    # A later stage's missing or unusable dataset fails now, not after the earlier stages have
-    # trained for hours: each is read once, as its stage will read it, and let go.
-    for s in range(first + 1, num_stages(cfg)):
-        build_task(stage_config(cfg, s), device)
+    # Every stage's data is read now, before anything is written or trained: a later stage's
+    # missing or unusable dataset fails here, not after the earlier stages have trained for
+    # hours. (The builders draw no random numbers: their seeds are the config's.)
+    tasks = [build_task(stage_config(cfg, s), device) for s in range(first, num_stages(cfg))]
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump(cfg))
@@ -157,7 +157,7 @@ def run(
     for s in range(first, num_stages(cfg)):
         scfg = stage_config(cfg, s)
         seed_everything(scfg["seed"] + info.rank)  # DDP broadcasts rank 0's initial weights
-        task = build_task(scfg, device)
+        task = tasks.pop(0)  # released once its stage is done
         resume_here = (ckpt, ckpt_path) if s == first and ckpt is not None else None
         if model is None and resume_here is not None:  # every weight comes from the checkpoint
             model = build_for_checkpoint(build, scfg["model"], task.num_classes)
