@@ -110,7 +110,9 @@ class _BConvCellBase(nn.Module):
     def _check_training_call(self) -> None:
         """A training forward reads and advances the carried state: refuse the calls where that
         state cannot be carried correctly."""
-        if _under_func_transform():
+        # Not seen while torch.compile traces (ops.func_transforms): a transform compiled
+        # around a training cell fails inside torch there, without this message.
+        if ops.func_transforms():
             raise RuntimeError(
                 f"{type(self).__name__}: a training forward under a torch.func transform (grad, vmap, "
                 "jacrev, jvp, ...). The cell advances its carried state, and a transform cannot "
@@ -295,15 +297,6 @@ def _inside_backward() -> bool:
     torch.compile, whose graphs recompute from saved inputs; compiled autograd re-running an
     eager reentrant checkpoint is not caught."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-
-
-def _under_func_transform() -> bool:
-    """True inside torch.func.grad/vmap/jacrev/jvp/... (functorch's interpreter stack is not
-    empty). Not checked while torch.compile traces: a transform compiled around a training
-    cell fails inside torch there, without this message."""
-    if torch.compiler.is_compiling():
-        return False
-    return bool(torch._C._functorch.get_interpreter_stack())
 
 
 def _left_by_inference_mode(state: Tensor | None) -> bool:

@@ -33,14 +33,21 @@ def exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
+def func_transforms() -> list:
+    """The torch.func transforms (grad, vmap, jvp, ...) this call runs under, outermost first;
+    none while torch.compile traces (its graphs use no such transform)."""
+    if torch.compiler.is_compiling():
+        return []
+    return get_interpreter_stack() or []
+
+
 def _differentiated_forward(tensors: tuple[Tensor | None, ...]) -> bool:
     """True under forward-mode AD (a tensor carries a tangent: torch.func.jvp/jacfwd,
     forward_ad dual tensors) or a torch.func grad transform (grad, vjp, jacrev). The fused
     ops have no jvp and no functorch rules; python_ref, plain PyTorch ops, has both."""
     if torch.compiler.is_compiling():
         return False
-    stack = get_interpreter_stack() or ()
-    if any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in stack):
+    if any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in func_transforms()):
         return True
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
