@@ -89,8 +89,12 @@ def _cuda_extra_includes() -> list[str]:
 WITH_CUDA = _with_cuda()
 print(f"ptl_fused: WITH_CUDA={int(WITH_CUDA)} (torch {torch.__version__}, CUDA_HOME={CUDA_HOME})")
 
-sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
-sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
+# The files built for one instruction set (csrc/cpu/cell_rows_avx*.cpp) link last: an inline
+# function of a shared header (c10's Half conversions, a message builder) is emitted by every file
+# that uses it, the linker keeps the first copy for all callers, and that copy must be one any
+# x86-64 can run. tests/test_extension.py checks the built library for it.
+cpu_sources = sorted((ROOT / "csrc" / "cpu").glob("*.cpp"), key=lambda p: ("_avx" in p.name, p.name))
+sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp")) + cpu_sources]
 define_macros = [("PTL_FUSED_TORCH_VERSION", f'"{torch.__version__}"')]
 extra_compile_args = {"cxx": ["-O3"]}
 include_dirs = [str(ROOT / "csrc")]

@@ -179,6 +179,14 @@ def test_fused_gemm_on_cpu_tensors_is_refused(op):
         getattr(torch.ops.ptl_fused, op)(*args)
 
 
+def test_raw_op_with_an_unsupported_dtype_is_refused():
+    # ptl_fused.ops refuses a non-float x first; the raw backward takes the gates as given,
+    # and the CPU kernel's own check names the dtype.
+    gates = torch.zeros(1, 8, 2, 2, dtype=torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="unsupported dtype Float8_e4m3fn"):
+        torch.ops.ptl_fused.bconv_cell_bwd(gates.clone(), None, torch.zeros(1, 2, 2, 2), gates)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_double_backward_is_refused(backend):
     # A gradient penalty needs the derivative of the backward itself, which the fused backends

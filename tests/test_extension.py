@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 
@@ -53,7 +56,6 @@ def _source_tree_without_library(tmp_path) -> dict:
     """ptl_fused and python_ref copied without the compiled library: the environment that
     imports them (an editable install's finder, which would still find the real one, is
     taken out of sys.meta_path by the code run)."""
-    import shutil
     from pathlib import Path
 
     root = Path(ptl_fused.__file__).parents[1]
@@ -91,3 +93,26 @@ def test_extension_built_for_another_torch_warns():
     assert r.returncode == 0, r.stderr
     assert "built against torch" in r.stderr and "0.0.1 is installed" in r.stderr, r.stderr
     assert "'reference'" in r.stdout and "'cpu'" not in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("objdump") is None,
+    reason="needs an x86-64 build and binutils' objdump",
+)
+def test_code_outside_the_avx_builds_runs_on_any_x86_64():
+    # An inline function of a shared header is emitted by every file that uses it, and the
+    # linker keeps one copy for all callers: if it is the copy from cell_rows_avx2.cpp, the
+    # portable path runs AVX code (an illegal instruction on a CPU without it). The portable
+    # and dispatching code never touches a 256- or 512-bit register; only the AVX2/AVX512
+    # namespaces (ours and at::vec's) may.
+    dump = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", _extension.C.__file__],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    wide, fn = set(), ""
+    for line in dump.splitlines():
+        if line.endswith(">:"):
+            fn = line.split("<", 1)[1][:-2]
+        elif ("%ymm" in line or "%zmm" in line) and not re.search(r"::AVX(2|512)::", fn):
+            wide.add(fn)
+    assert not wide, f"functions outside the AVX builds use AVX registers: {sorted(wide)}"

@@ -95,6 +95,12 @@ void eval_epilogue_cpu(const EvalEpilogueArgs& a) {
 
 }  // namespace
 
+namespace cpu {
+void unsupported_dtype(c10::ScalarType dtype) {
+  TORCH_CHECK(false, "ptl_fused: unsupported dtype ", dtype);
+}
+}  // namespace cpu
+
 TORCH_LIBRARY_IMPL(ptl_fused, CPU, m) {
   register_bconv_kernels<fwd_epilogue_cpu, bwd_epilogue_cpu, eval_epilogue_cpu>(m);
 }

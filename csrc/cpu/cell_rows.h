@@ -57,6 +57,10 @@ struct EvalRowsArgs {
   int64_t sample;
 };
 
+// Raises the unsupported-dtype error; defined in bconv_cell_cpu.cpp so that no file built for
+// one instruction set builds a message (its copy of c10's string helpers could be the one linked).
+[[noreturn]] void unsupported_dtype(c10::ScalarType dtype);
+
 using FwdRowsFn = void (*)(c10::ScalarType, const FwdRowsArgs&, int64_t, int64_t);
 using BwdRowsFn = void (*)(c10::ScalarType, const BwdRowsArgs&, int64_t, int64_t);
 using EvalRowsFn = void (*)(c10::ScalarType, const EvalRowsArgs&, int64_t, int64_t);

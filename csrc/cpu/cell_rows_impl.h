@@ -3,7 +3,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
 
 #include <type_traits>
 
@@ -177,7 +176,7 @@ void by_dtype(c10::ScalarType dtype, Fn fn) {
     case c10::kHalf:
       return fn(c10::Half{});
     default:
-      TORCH_CHECK(false, "ptl_fused: unsupported dtype ", dtype);
+      unsupported_dtype(dtype);
   }
 }
 
