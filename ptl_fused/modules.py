@@ -121,6 +121,14 @@ class _BConvCellBase(nn.Module):
                 "ptl_fused.ops.bconv_cell / bconv_cell_v2, which take the state as an argument "
                 "and return the new one."
             )
+        if getattr(self, "_is_replica", False):
+            raise RuntimeError(
+                f"{type(self).__name__}: a training forward in a replica made by nn.DataParallel. "
+                "DataParallel copies the model for every forward and drops the copies, so the "
+                "carried state would be lost after each batch and every batch would start from "
+                "the initial state. Use DistributedDataParallel (one process per GPU; each keeps "
+                "its cells' state), or one device."
+            )
         if _inside_backward():
             raise RuntimeError(
                 f"{type(self).__name__}: a training forward is running inside backward, as activation "
@@ -268,11 +276,12 @@ class BConvCellV2(_BConvCellBase):
     def _alpha(self, x: Tensor) -> Tensor:
         """The aggregation weight of this batch: 1/n_b (running mean) or hidden_momentum (EMA).
         Made on the device: no host-to-device copy, so CUDA-graph capturable."""
+        dtype = state_dtype(x.dtype)  # a float32 0.3 would be 0.3 + 1.2e-8 in a float64 state
         if self.hidden_momentum is not None:
-            return torch.full((), self.hidden_momentum, device=x.device)
+            return torch.full((), self.hidden_momentum, dtype=dtype, device=x.device)
         if self.state is None:  # the first batch since the reset (also after to_empty(): garbage)
             self.num_batches.zero_()
-        return 1.0 / (self.num_batches + 1)
+        return 1.0 / (self.num_batches + 1).to(dtype)
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         self.state_shape(x)  # the module's own shape message

@@ -109,6 +109,18 @@ def test_tensors_on_the_second_gpu_while_the_first_is_current(backend, v2):
     check_cell(backend, "cuda:1", case, v2, torch.float32, make_inputs(case, v2))
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_data_parallel_over_two_gpus_refuses_training_and_runs_eval(v2):
+    net = _model(v2, "auto")
+    x = torch.randn(4, 3, 9, 7, device="cuda")
+    dp = nn.DataParallel(net, device_ids=[0, 1])
+    with pytest.raises(RuntimeError, match="replica made by nn.DataParallel"):
+        dp(x)
+    dp.eval()  # each replica gets half the batch: compare like with like (cuDNN picks by shape)
+    torch.testing.assert_close(dp(x), torch.cat([net(x[:2]), net(x[2:])]))
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_v2_op_with_a_float_h_alpha_captures_in_a_cuda_graph(backend):
     # A Python h_alpha becomes a device scalar without a host copy (a copy would fail capture).
