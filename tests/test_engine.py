@@ -114,9 +114,11 @@ def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones():
         ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
         ("digits.transfer_epochs=0", "digits.transfer_epochs must be >= 1, got 0"),
         ("stages=[{}, {optim: {step_size: 0}}]", "stages[1]: optim.step_size must be >= 1, got 0"),
+        ("data.random_erasing=1.5", "data.random_erasing must be in [0, 1], got 1.5"),
+        ("std.lam=-0.1", "std.lam must be in [0, 1], got -0.1"),
     ],
 )
-def test_counts_below_their_minimum_name_the_key(override, message):
+def test_out_of_range_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         load_config(None, ["loss.triplet=true", override])
 

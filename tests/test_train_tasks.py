@@ -121,6 +121,20 @@ def test_reid_epoch_on_a_fake_market_folder(tmp_path, triplet):
     assert final["test_mAP"] == pytest.approx(m_ap, abs=1e-4) and final["test_rank1"] == pytest.approx(rank1)
 
 
+@pytest.mark.parametrize(
+    ("override", "p"), [([], 0.5), (["data.random_erasing=0.2"], 0.2), (["data.random_erasing=0"], None)]
+)
+def test_reid_training_transform_erases_with_the_configured_probability(tmp_path, override, p):
+    import torchvision.transforms as T
+
+    from ptl_fused.engine.reid_task import reid_task
+
+    root = fake_market(tmp_path / "Market-1501")
+    cfg = load_config("market1501_resnet50_ptl", [f"data.root={root}", *override])
+    erasing = [t for t in reid_task(cfg).train_set.transform.transforms if isinstance(t, T.RandomErasing)]
+    assert [t.p for t in erasing] == ([] if p is None else [p])
+
+
 def reid_overrides(root: Path, out: Path) -> list[str]:
     """A 16x8 one-epoch run with the stand-in network."""
     return [*one_epoch_overrides(root, out), "data.height=16", "data.width=8"]

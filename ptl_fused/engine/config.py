@@ -31,7 +31,10 @@ DEFAULTS: dict[str, Any] = {
         "root": None,  # local dataset folder (nothing downloads)
         "height": 256,
         "width": 128,
-        "augment": True,  # CIFAR "+": pad 4, random crop, flip; ReID: flip, pad, crop
+        # CIFAR "+": pad 4, random crop, flip. ReID: flip, pad 10 + random crop, then random erasing
+        # with probability random_erasing (the authors' code: flip and erasing p=0.5, no crop)
+        "augment": True,
+        "random_erasing": 0.5,  # ReID training only; 0 = off
         "batch_size": 32,
         "num_instances": 4,  # images per identity in a PK batch (triplet loss)
         "cuhk03_labeled": False,  # cuhk03: the hand-labelled boxes (images_labeled/), not detected
@@ -231,8 +234,9 @@ def validate(cfg: dict) -> None:
     for key, low in MINIMUMS.items():
         if get(cfg, key) < low:
             raise ConfigError(f"{key} must be >= {low}, got {get(cfg, key)}")
-    if not 0.0 <= cfg["std"]["lam"] <= 1.0:
-        raise ConfigError(f"std.lam must be in [0, 1], got {cfg['std']['lam']}")
+    for key in ("std.lam", "data.random_erasing"):
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {get(cfg, key)}")
     for i, stage in enumerate(cfg["stages"]):
         if not isinstance(stage, dict):
             raise ConfigError(f"stages[{i}] must be a mapping of sections, got {stage!r}")

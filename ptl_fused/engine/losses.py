@@ -25,6 +25,9 @@ class ClassificationLoss(nn.Module):
 class DistillationLoss(nn.Module):
     """STD (paper §IV): (1 - lam) * base(student) + lam * L1(student feature, teacher feature).
 
+    L1 is the mean absolute difference over the batch and the feature (nn.L1Loss's default), so
+    lam weighs it the same whatever the feature width (a sum over a 2048-wide feature would not).
+
     The teacher is a frozen PTL network in eval mode: it carries no state and gets no gradient.
     """
 

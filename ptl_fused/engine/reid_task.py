@@ -80,7 +80,10 @@ def reid_task(cfg: dict) -> Task:
     kwargs = {"labeled": d["cuhk03_labeled"]} if name == "cuhk03" else {}
     data = build_reid_dataset(READER_NAMES.get(name, name), root, verbose=False, **kwargs)
     check_query_matches(data, name, root)
-    train = ImageDataset(data.train, build_transforms(d["height"], d["width"], is_train=d["augment"]))
+    train_tf = build_transforms(
+        d["height"], d["width"], is_train=d["augment"], random_erasing=d["random_erasing"]
+    )
+    train = ImageDataset(data.train, train_tf)
     test_tf = build_transforms(d["height"], d["width"], is_train=False)
     query, gallery = (
         DataLoader(ImageDataset(items, test_tf), batch_size=d["batch_size"], num_workers=d["num_workers"])
