@@ -42,6 +42,7 @@ def test_market1501_layout_junk_relabel_and_summary(tmp_path, capsys):
         gallery=["0002_c1s1_000100_01.jpg", "0000_c4s1_000200_02.jpg", "-1_c2s1_000300_03.jpg"],
     )
     (tmp_path / "query" / "Thumbs.db").write_text("not an image")  # ignored: not an image suffix
+    (tmp_path / "query" / "0002_c3s1_000452_00.jpg").mkdir()  # ignored: a folder, not an image
     ds = build_reid_dataset("market1501", tmp_path)
     assert isinstance(ds, ReIDDataset) and ds.name == "market1501"
     # Sorted by file name; pids 3 and 7 relabelled to 0 and 1; cameras 1-based -> 0-based; -1 dropped.
@@ -131,6 +132,18 @@ def test_msmt17_v2_folders_and_errors(tmp_path):
         FileNotFoundError, match=r"listed in .*list_gallery\.txt line 1 not found: .*0000_000_03_x"
     ):
         build_reid_dataset("msmt17", tmp_path, verbose=False)
+    for bad_camera in ("00", "16"):  # MSMT17 has cameras 01..15
+        _msmt(
+            tmp_path,
+            {"gallery": [f"0000/0000_000_{bad_camera}_x_0001_0.jpg 0"]},
+            "mask_train_v2",
+            "mask_test_v2",
+        )
+        with pytest.raises(
+            ValueError,
+            match=rf"line 1 of .*list_gallery\.txt: .* has pid 0 / camera {int(bad_camera)}; expected",
+        ):
+            build_reid_dataset("msmt17", tmp_path, verbose=False)
     (tmp_path / "list_val.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"MSMT17 list file not found: .*list_val\.txt"):
         build_reid_dataset("msmt17", tmp_path, verbose=False)
@@ -177,6 +190,24 @@ def test_cuhk03_new_protocol(tmp_path):
         FileNotFoundError, match=r"images_detected.*extract the detected images of cuhk-03\.mat"
     ):
         build_reid_dataset("cuhk03", tmp_path, verbose=False)
+
+
+@pytest.mark.parametrize("labeled", [False, True])
+def test_cuhk03_np_folders(tmp_path, labeled):
+    # cuhk03-np publishes the same new-protocol split as Market-style folders of PNGs.
+    kind = "labeled" if labeled else "detected"
+    root = tmp_path / "cuhk03-np"
+    _market(
+        root / kind, ["0003_c1_1.png", "0003_c2_6.png", "0010_c1_2.png"], ["0042_c1_1.png"], ["0042_c2_3.png"]
+    )
+    ds = build_reid_dataset("cuhk03", root, labeled=labeled, verbose=False)
+    assert ds.name == f"cuhk03_{kind}" and ds.num_cams == 2 and ds.num_train_pids == 2
+    assert _rel(ds.train, root) == [
+        (f"{kind}/bounding_box_train/0003_c1_1.png", 0, 0),
+        (f"{kind}/bounding_box_train/0003_c2_6.png", 0, 1),
+        (f"{kind}/bounding_box_train/0010_c1_2.png", 1, 0),
+    ]
+    assert [(pid, cam) for _, pid, cam in ds.query + ds.gallery] == [(42, 0), (42, 1)]
 
 
 def test_cuhk03_errors(tmp_path):

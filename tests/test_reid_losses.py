@@ -58,6 +58,25 @@ def test_triplet_matches_loop(soft):
     assert got.item() == pytest.approx(_slow_triplet(x, targets, 0.3, soft), abs=1e-5)
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triplet_under_autocast_keeps_float32_distances(amp):
+    # Embeddings of norm ~100 (bf16) / ~300 (fp16), as a ReID head gives: autocast's low-precision
+    # x @ x.t() moved bf16's loss by 7% (the hardest negative of 12 anchors in 32 changed), and
+    # overflowed fp16's Gram matrix to inf (loss = the margin, zero gradient).
+    torch.manual_seed(0)
+    scale = 2.2 if amp is torch.bfloat16 else 6.7
+    x = (torch.randn(32, 2048) * scale).requires_grad_()
+    t = torch.arange(8).repeat_interleave(4)
+    loss = TripletLoss(margin=0.3)
+    expected = loss(x, t)
+    (g_expected,) = torch.autograd.grad(expected, x)
+    with torch.autocast("cpu", dtype=amp):
+        got = loss(x, t)
+    (g,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(g, g_expected)
+
+
 def test_triplet_hand_worked_and_gradient():
     # On a line: a0=0, a1=1 (id 0), b0=3, b1=3.5 (id 1). (hardest positive, hardest negative):
     # a0 (1, 3), a1 (1, 2), b0 (0.5, 2), b1 (0.5, 2.5). Margin 0.3: all d_ap - d_an + m < 0 -> 0.

@@ -127,6 +127,21 @@ def test_shape_errors():
         re_rank(q_g, q_q, g_g, k1=0)
 
 
+def test_non_finite_or_all_zero_distances_are_an_error_not_nan():
+    q_g, q_q, g_g = _clusters(2, nq=3, ng=5)
+    bad = q_g.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="re_rank: the distances hold NaN or inf"):
+        re_rank(bad, q_q, g_g)
+    # Identical features: every distance 0, and the normalisation divided by 0 (all NaN before).
+    with pytest.raises(ValueError, match="all distances of query 0 are 0"):
+        re_rank(np.zeros_like(q_g), np.zeros_like(q_q), np.zeros_like(g_g))
+    g_g_zero, q_g_zero = g_g.copy(), q_g.copy()
+    g_g_zero[3], g_g_zero[:, 3], q_g_zero[:, 3] = 0, 0, 0  # gallery 3 at distance 0 from everything
+    with pytest.raises(ValueError, match="all distances of gallery 3 are 0"):
+        re_rank(q_g_zero, q_q, g_g_zero)
+
+
 def test_peak_memory_is_one_pooled_copy_plus_the_result():
     # The docstring's memory statement, measured: numpy and scipy arrays are traced by tracemalloc.
     # One float32 (N, N) pooled matrix plus the float32 (Q, G) result, and some slack for the sparse V,

@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "random_erasing": 0.5,  # ReID training only; 0 = off
         "batch_size": 32,
         "num_instances": 4,  # images per identity in a PK batch (triplet loss)
-        "cuhk03_labeled": False,  # cuhk03: the hand-labelled boxes (images_labeled/), not detected
+        "cuhk03_labeled": False,  # cuhk03: the hand-labelled boxes ([images_]labeled/), not detected
         "num_workers": 2,
         "classes": None,  # digits: the classes to use (relabelled 0..n-1); None = all
         "shots": None,  # digits: training images per class; None = all of the training half

@@ -15,8 +15,9 @@ LAYOUTS = {
     "market1501": "the extracted Market-1501 folder (bounding_box_train/, query/, bounding_box_test/)",
     "dukemtmc": "the extracted DukeMTMC-reID folder (bounding_box_train/, query/, bounding_box_test/)",
     "msmt17": "the extracted MSMT17 folder (train/, test/ and the list_*.txt files)",
-    "cuhk03": "the CUHK03 folder, new protocol (images_detected/ and images_labeled/, extracted "
-    "as torchreid names them, or cuhk03_release/cuhk-03.mat, plus cuhk03_new_protocol_config_*.mat)",
+    "cuhk03": "the CUHK03 folder, new protocol: cuhk03-np (detected/, labeled/, each with "
+    "bounding_box_train/, query/, bounding_box_test/), or images_detected/ and images_labeled/ "
+    "extracted as torchreid names them (or cuhk03_release/cuhk-03.mat) plus cuhk03_new_protocol_config_*.mat",
     "folder": "a folder of train/, query/ and gallery/ images named PID_CAMID_anything.jpg (camid 0-based)",
 }
 

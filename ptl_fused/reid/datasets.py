@@ -19,7 +19,9 @@ which only need to agree with each other). `build_reid_dataset(name, root)` pick
   (fields filelist, labels, train_idx, query_idx, gallery_idx; 1-based indices). The camid is
   the view (0 or 1) within a camera pair, as in torchreid. Choose with `labeled=False|True`.
   A missing image folder is extracted once from `root/cuhk03_release/cuhk-03.mat` (the standard
-  release, MATLAB v7.3 = HDF5, read with h5py) by `extract_cuhk03`.
+  release, MATLAB v7.3 = HDF5, read with h5py) by `extract_cuhk03`. The same split as published
+  in cuhk03-np (`root/{detected,labeled}/{bounding_box_train,query,bounding_box_test}/`, names
+  `PPPP_cV_...png`) is read from there when present.
 - "folder": `root/{train,query,gallery}/` of images named `pid_camid_anything.{jpg,jpeg,png}`
   with a 0-based camid; pid -1 images are dropped.
 """
@@ -91,7 +93,7 @@ def _make(name: str, train: list[Item], query: list[Item], gallery: list[Item]) 
 
 def _images(folder: Path) -> list[Path]:
     _require(folder, "image folder")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
 
 
 # ---------------------------------------------------------------- Market-1501 / DukeMTMC-reID
@@ -154,6 +156,11 @@ def _msmt_list(list_path: Path, image_dir: Path) -> list[Item]:
                 f"MSMT17: malformed line {line_no} of {list_path}: {line!r}; expected "
                 "'relative/path/PID_INDEX_CAM_....jpg PID' (e.g. '0000/0000_000_01_0303morning_0015_0.jpg 0')"
             ) from None
+        if pid < 0 or not 0 <= cam < 15:
+            raise ValueError(
+                f"MSMT17: line {line_no} of {list_path}: {line!r} has pid {pid} / camera {cam + 1}; "
+                "expected pid >= 0 and a camera 01..15"
+            )
         path = image_dir / path_str
         if not path.exists():
             raise FileNotFoundError(f"MSMT17: image listed in {list_path} line {line_no} not found: {path}")
@@ -267,6 +274,8 @@ def cuhk03(root: str | Path, labeled: bool = False) -> ReIDDataset:
 
     kind = "labeled" if labeled else "detected"
     root = _require(Path(root), "CUHK03 root folder")
+    if (root / kind / "bounding_box_train").is_dir():  # cuhk03-np: the same split, Market-style
+        return _market_style(f"cuhk03_{kind}", num_cams=2)(root / kind)
     image_dir = root / f"images_{kind}"
     release = root / "cuhk03_release" / "cuhk-03.mat"
     if not image_dir.is_dir():

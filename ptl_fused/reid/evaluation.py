@@ -63,6 +63,11 @@ class _RankAccumulator:
         """dist (R, num_g) for queries first_query .. first_query + R - 1."""
         device = dist.device
         num_g = dist.shape[1]
+        nan_rows = torch.isnan(dist).any(dim=1)
+        if nan_rows.any():  # NaN sorts last: a diverged model would still get a plausible mAP
+            bad = (first_query + torch.nonzero(nan_rows).flatten().cpu()).tolist()
+            shown = ", ".join(map(str, bad[:5])) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
+            raise ValueError(f"NaN distances for query rows {shown}: the features are not finite")
         self.seen += dist.shape[0]
         order = torch.argsort(dist, dim=1, stable=True)
         pids, cams = self.g_pids[order], self.g_camids[order]

@@ -33,6 +33,7 @@ def extract_features(
     do not depend on batching) under torch.no_grad; its training mode is restored afterwards.
     flip=True averages the features of each image and its horizontal mirror; normalize=True
     then L2-normalises. Returns (feats (N, D) float32 on the CPU, pids (N,), camids (N,)).
+    A NaN or inf feature is a ValueError naming the batch's images.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -44,6 +45,11 @@ def extract_features(
             f = _feature(model(images)).float()
             if flip:
                 f = (f + _feature(model(images.flip(3))).float()) / 2
+            if not torch.isfinite(f).all():  # e.g. a run that diverged in fp16
+                raise ValueError(
+                    f"the model gave non-finite features (NaN or inf) for images "
+                    f"{sum(map(len, feats))}..{sum(map(len, feats)) + len(f) - 1} of the loader"
+                )
             if normalize:
                 f = F.normalize(f, dim=1)
             feats.append(f.cpu())
@@ -73,12 +79,15 @@ def compute_distance(qf: Tensor, gf: Tensor, metric: str = "euclidean", chunk: i
         qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
     elif metric != "euclidean":
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    g_sq = gf.pow(2).sum(dim=1)
     out = []
-    for start in range(0, len(qf), chunk):
-        q = qf[start : start + chunk]
-        if metric == "cosine":
-            out.append(1.0 - q @ gf.t())
-        else:
-            out.append((q.pow(2).sum(dim=1, keepdim=True) + g_sq[None, :] - 2.0 * q @ gf.t()).clamp_min(0))
+    with torch.autocast(qf.device.type, enabled=False):  # float32 also when called under autocast
+        g_sq = gf.pow(2).sum(dim=1)
+        for start in range(0, len(qf), chunk):
+            q = qf[start : start + chunk]
+            if metric == "cosine":
+                out.append(1.0 - q @ gf.t())
+            else:
+                out.append(
+                    (q.pow(2).sum(dim=1, keepdim=True) + g_sq[None, :] - 2.0 * q @ gf.t()).clamp_min(0)
+                )
     return torch.cat(out)

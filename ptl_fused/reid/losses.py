@@ -30,10 +30,15 @@ class CrossEntropyLabelSmooth(nn.Module):
 
 
 def pairwise_euclidean(x: Tensor) -> Tensor:
-    """(B, D) -> (B, B) Euclidean distances; clamped before the sqrt so its gradient stays finite."""
-    sq = x.pow(2).sum(dim=1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.t()
-    return d2.clamp_min(1e-12).sqrt()
+    """(B, D) -> (B, B) Euclidean distances, float32 for bf16/fp16 x; clamped before the sqrt so
+    its gradient stays finite. Autocast is off inside: its bf16 x @ x.t() loses the small
+    differences between large norms (the hardest negative changes), and fp16's overflows."""
+    with torch.autocast(x.device.type, enabled=False):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        sq = x.pow(2).sum(dim=1)
+        d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.t()
+        return d2.clamp_min(1e-12).sqrt()
 
 
 class TripletLoss(nn.Module):
@@ -55,8 +60,6 @@ class TripletLoss(nn.Module):
                 "embeddings must be (B, D) and targets (B,), got "
                 f"{tuple(embeddings.shape)} and {tuple(targets.shape)}"
             )
-        if embeddings.dtype in (torch.float16, torch.bfloat16):  # distances in float32 under autocast
-            embeddings = embeddings.float()
         dist = pairwise_euclidean(embeddings)
         same = targets[:, None] == targets[None, :]
         if same.all():

@@ -85,7 +85,14 @@ def re_rank(
     # float32 values with a single (N, N) copy, the memory peak; the rest is done in place.
     dist = np.block([[q_q.T, q_g], [q_g.T, g_g.T]])
     np.square(dist, out=dist)
-    dist /= dist.max(axis=1, keepdims=True)
+    row_max = dist.max(axis=1, keepdims=True)  # NaN or inf wherever a row holds one
+    if not np.isfinite(row_max).all():
+        raise ValueError("re_rank: the distances hold NaN or inf (features that are not finite?)")
+    if (row_max == 0).any():  # the normalisation would divide by 0: every output NaN
+        p = int(np.flatnonzero(row_max == 0)[0])
+        which = f"query {p}" if p < num_q else f"gallery {p - num_q}"
+        raise ValueError(f"re_rank: all distances of {which} are 0 (identical features?): nothing to rank by")
+    dist /= row_max
     n = len(dist)
     # Fewer than k1 + 1 (or k2) points: every neighbour list is the whole set, as the reference's
     # slices [:k1 + 1] and [:k2] cap at N; the query expansion then averages over all N points.
