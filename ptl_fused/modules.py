@@ -85,7 +85,7 @@ class _BConvCellBase(nn.Module):
 
     def _previous(self, state: Tensor | None, shape: tuple[int, ...], x: Tensor, name: str) -> Tensor:
         dtype = state_dtype(x.dtype)
-        if _left_by_inference_mode(state):  # autograd cannot save such a tensor
+        if _left_by_inference_mode(state):  # written by a compiled forward under inference_mode
             state = state.clone()
         prev = carry_state(state, shape, dtype, x.device, self.state_init, name)
         # Under CUDA-graph capture the state is updated in place (_keep), so the op must not
@@ -96,6 +96,13 @@ class _BConvCellBase(nn.Module):
         """Store the new (detached) state. Under CUDA-graph capture it is copied into the
         existing buffers, so that every replay reads what the previous replay wrote; warm up
         a few eager steps with the capture's batch size first, as CUDA graphs require."""
+        if not torch.compiler.is_compiling() and any(n.is_inference() for n in new):
+            # Written under torch.inference_mode: kept as a normal tensor, which a later training
+            # forward's autograd may save, also a compiled one (an inference tensor it may not).
+            # torch.compile cannot trace the test: what a compiled forward writes there is
+            # copied when an eager forward reads it (_previous).
+            with torch.inference_mode(False):
+                new = tuple(n.clone() for n in new)
         old = None if self.state is None else _as_tuple(self.state)
         if (
             _capturing(x)
@@ -309,8 +316,8 @@ def _inside_backward() -> bool:
 
 
 def _left_by_inference_mode(state: Tensor | None) -> bool:
-    """A state written by a training forward under torch.inference_mode, now read outside it.
-    torch.compile cannot trace the test, so a compiled forward still refuses such a state."""
+    """A state that a compiled training forward under torch.inference_mode wrote, now read by an
+    eager forward outside it (an eager forward's own writes are never inference tensors: _keep)."""
     if state is None or torch.compiler.is_compiling():
         return False
     return state.is_inference() and not torch.is_inference_mode_enabled()

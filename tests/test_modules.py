@@ -274,10 +274,18 @@ def test_running_mean_count_survives_a_failed_call_and_to_empty():
     assert int(lazy.num_batches) == int(cell.num_batches) == 2
 
 
-def test_training_forward_under_inference_mode_then_training():
-    cell = BConvCell(2, 2, 1)
+@pytest.mark.parametrize(
+    ("first", "then"), [("eager", "eager"), ("eager", "compiled"), ("compiled", "eager")]
+)  # compiled, then compiled: still refused inside torch (torch.compile cannot trace is_inference)
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_training_forward_under_inference_mode_then_training(v2, first, then):
+    # A state written under inference_mode is an inference tensor, which autograd may not save:
+    # an eager forward keeps a normal copy, and an eager read copies what a compiled one left.
+    torch._dynamo.reset()
+    cell = (BConvCellV2 if v2 else BConvCell)(2, 2, 1)
+    compiled = torch.compile(cell)
     with torch.inference_mode():
-        cell(torch.randn(4, 2, 3, 3))
+        (compiled if first == "compiled" else cell)(torch.randn(4, 2, 3, 3))
     x = torch.randn(2, 2, 3, 3, requires_grad=True)
-    cell(x).sum().backward()  # the carried inference tensor is copied, not saved for backward
+    (compiled if then == "compiled" else cell)(x).sum().backward()
     assert x.grad is not None
