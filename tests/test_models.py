@@ -325,6 +325,13 @@ def test_pretrained_errors_name_the_file(tmp_path):
         PTLNet("resnet18", 3, pretrained=_save(bad_shape, tmp_path / "shape.pth"), input_size=(64, 32))
     with pytest.raises(ValueError, match="list.pth.*not a state dict"):
         PTLNet("resnet18", 3, pretrained=_save([1, 2], tmp_path / "list.pth"), input_size=(64, 32))
+    from ptl_fused.models.pretrained import load_backbone_weights
+
+    ok = _save(state, tmp_path / "ok.pth")
+    with pytest.raises(
+        ValueError, match=r"none of the stages' tensors belong to the ResNet to load .*ok.pth"
+    ):
+        load_backbone_weights(tvm.resnet18(weights=None), find_stages(tvm.resnet18(weights=None)), ok)
 
 
 def test_random_init_warns_once():

@@ -4,6 +4,7 @@ state through a whole network, and equality with python_ref.ptl_forward (the for
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,10 @@ import ptl_fused
 from ptl_fused import BConvCell, BConvCellV2
 from ptl_fused.models import PTLNet, find_stages, ptl_wrap
 from python_ref.ptl_net import ptl_forward
+
+# Every network built here runs its stages as a chain: the check for one that does not must
+# not fire (test_a_forward_that_is_not_the_chain_of_stages_warns makes it fire).
+pytestmark = pytest.mark.filterwarnings("error:ptl_wrap:UserWarning")
 
 # family -> (builder, halvings of the cell chains (hand-derived from the architecture),
 # the plain backbone's own computation of its last stage output)
@@ -145,6 +150,63 @@ def test_undiscoverable_model_names_what_to_pass():
         ptl_wrap(tvm.resnet18(weights=None), ["layer1", "layer9"])
 
 
+class _ForwardDoesMore(nn.Module):
+    """Stages a, b, c, and a forward that does more between them than the chain would."""
+
+    def __init__(self, act: bool = True, residual: bool = True):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 16, 3, 2, 1)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+        self.residual = residual
+
+    def forward(self, x):
+        x = self.act(self.a(x))  # in place on a's output, the tensor stage b then gets
+        x = x + self.b(x) if self.residual else self.b(x)
+        return F.relu(self.c(x))
+
+
+class _ResNetWithItsOwnForward(tvm.ResNet):
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x) * 2)))
+
+
+@pytest.mark.filterwarnings("default:ptl_wrap:UserWarning")
+def test_a_forward_that_is_not_the_chain_of_stages_warns():
+    # The wrapped network runs the stages only: what the forward does between them was silently
+    # dropped (a user net's output min -0.67 behind a final ReLU; GoogLeNet's input transform).
+    def warned(backbone, stages, size=(32, 32)):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ptl_wrap(backbone, stages, input_size=size)
+        return [str(m.message) for m in w if str(m.message).startswith("ptl_wrap")]
+
+    (msg,) = warned(_ForwardDoesMore(), ["a", "b", "c"])
+    assert "_ForwardDoesMore.forward does not run the stages as a chain" in msg
+    assert "stage 2 gets something other than stage 1's output; stage 3 gets" in msg
+    (msg,) = warned(_ForwardDoesMore(act=False), ["a", "b", "c"])
+    assert "stage 3 gets something other than stage 2's output" in msg and "stage 2 gets" not in msg
+    assert warned(_ForwardDoesMore(act=False, residual=False), ["a", "b", "c"]) == []
+    (msg,) = warned(_ResNetWithItsOwnForward(tvm.resnet.BasicBlock, [1, 1, 1, 1]), "auto", (64, 64))
+    assert "stage 3 gets something other than stage 2's output" in msg and "stage 2 gets" not in msg
+    g = tvm.googlenet(weights=None, transform_input=True, aux_logits=False, init_weights=False)
+    stem = [nn.Sequential(g.conv1, g.maxpool1), nn.Sequential(g.conv2, g.conv3, g.maxpool2)]
+    (msg,) = warned(g, stem, (64, 64))
+    assert "stage 1 gets something other than the image (the forward transforms it first)" in msg
+    g.transform_input = False
+    assert warned(g, stem, (64, 64)) == []
+    (msg,) = warned(g, [g.conv1, stem[1]], (64, 64))  # maxpool1 left out of the stages
+    assert "stage 2 gets something other than stage 1's output" in msg
+
+
+def test_float64_backbone_gets_float64_cells():
+    backbone = _tiny_backbone()  # float64
+    net = ptl_wrap(backbone, list(backbone), input_size=(16, 12))
+    assert {p.dtype for p in net.parameters()} == {torch.float64}
+    x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    assert net.train()(x).dtype == torch.float64 and net.eval()(x).dtype == torch.float64
+
+
 def test_ratio_not_a_power_of_two_is_an_error():
     backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
     with pytest.raises(ValueError, match="power of 2") as e:
@@ -201,6 +263,25 @@ def test_bad_arguments():
     assert (
         ptl_wrap(backbone, list(backbone), out_channels=np.int64(12), input_size=(16, 12)).out_channels == 12
     )
+    widths = [np.int64(4), 6, np.int32(10)]
+    assert ptl_wrap(backbone, list(backbone), cell_channels=widths, input_size=(16, 12)).cell_channels == [
+        4,
+        6,
+        10,
+    ]
+    with pytest.raises(ValueError, match=r"cell_channels must be 3 positive ints .*got \[4, 0, 10\]"):
+        ptl_wrap(backbone, list(backbone), cell_channels=[4, 0, 10], input_size=(16, 12))
+    with pytest.raises(ValueError, match="input_size must be"):
+        ptl_wrap(backbone, list(backbone), input_size=16)
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    with pytest.raises(
+        ValueError, match=r"stage 2 \(Pair\) must return a \(B, C, H, W\) tensor, got a tuple"
+    ):
+        ptl_wrap(backbone, [backbone[0], Pair()], input_size=(16, 12))
 
 
 def test_ptlnet_takes_stages_for_a_backbone_auto_cannot_split():
@@ -214,6 +295,9 @@ def test_ptlnet_takes_stages_for_a_backbone_auto_cannot_split():
     assert [c for c, _, _ in net.body.stage_shapes] == [3, 32, 48, 104, 208, 440]
     out = net.train()(torch.randn(2, 3, 64, 32))
     assert out.logits[0].shape == (2, 5)
+    # Modules of another network would be wrapped without the weights or last_stride PTLNet sets.
+    with pytest.raises(TypeError, match="PTLNet builds its own backbone, so stages must name"):
+        PTLNet("resnet18", 5, stages=list(tvm.resnet18(weights=None).children())[4:8])
 
 
 def test_measuring_keeps_the_training_flags():

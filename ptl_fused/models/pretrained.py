@@ -39,6 +39,11 @@ def load_backbone_weights(model: nn.Module, stages: Sequence[nn.Module], path: s
     own = model.state_dict()
     stage_tensors = {id(t) for s in stages for t in (*s.parameters(), *s.buffers())}
     needed = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in stage_tensors}
+    if not needed:
+        raise ValueError(
+            f"none of the stages' tensors belong to the {type(model).__name__} to load {path!r} into: "
+            "the stages must be that model's own modules"
+        )
     # Files older than BN's num_batches_tracked (torchvision's published ResNet/DenseNet files)
     # lack it; BatchNorm keeps its own counter then, as torchvision's loaders do.
     needed = {k for k in needed if k in state or not k.endswith(".num_batches_tracked")}

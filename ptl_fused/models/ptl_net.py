@@ -75,6 +75,11 @@ class PTLNet(PTLModel):
         stages: Sequence[str] | Literal["auto"] = "auto",
     ) -> None:
         backbone = torchvision_backbone(arch)
+        if not isinstance(stages, str) and any(isinstance(s, nn.Module) for s in stages):
+            raise TypeError(
+                "PTLNet builds its own backbone, so stages must name its submodules (e.g. ['stem', "
+                "'trunk_output.block1']); to wrap modules you have, use ptl_wrap"
+            )
         stages = resolve_stages(backbone, stages)
         if pretrained is None:
             warn_random_init(f"PTLNet({arch!r})")

@@ -25,6 +25,7 @@ w_i / 2^n, and Fuse_i projects to that width (MGN-PTL: fuse2 -> 128, bconv4 128 
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -105,11 +106,12 @@ class PTLBackbone(nn.Module):
             raise ValueError(f"cell must be 'v1', 'v2' or None (plain backbone), got {cell!r}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (padding (k-1)//2 keeps the size), got {kernel_size}")
-        if len(input_size) != 2 or min(input_size) < 1:
+        if not isinstance(input_size, Sequence) or len(input_size) != 2 or min(input_size) < 1:
             raise ValueError(f"input_size must be (H, W) with H, W >= 1, got {input_size!r}")
         self.input_size, self.in_channels = tuple(input_size), in_channels
         self.stages = nn.ModuleList(resolve_stages(backbone, stages))
         self.stage_shapes = measure_stages(self.stages, input_size, in_channels)
+        warn_if_not_a_chain(backbone, self.stages, input_size, in_channels)
         channels = [c for c, _, _ in self.stage_shapes]
         k = len(self.stages)
         self.cells = self.fuses = self.final_fuse = None
@@ -122,7 +124,8 @@ class PTLBackbone(nn.Module):
             self.out_channels, self.cell_channels, self.halvings = channels[-1], [], []
             return
         widths = list(cell_channels) if cell_channels is not None else default_cell_channels(channels[1:])
-        if len(widths) != k or any(not isinstance(w, int) or w < 1 for w in widths):
+        widths = [_positive_int(w) for w in widths]
+        if len(widths) != k or None in widths:
             raise ValueError(
                 f"cell_channels must be {k} positive ints (one per stage), got {cell_channels!r}"
             )
@@ -132,6 +135,10 @@ class PTLBackbone(nn.Module):
         ]
         self.cell_channels = widths
         self.out_channels = channels[-1] if out_channels is None else _positive_int(out_channels)
+        if self.out_channels is None:
+            raise ValueError(
+                f"out_channels must be a positive int or None (the last stage's), got {out_channels!r}"
+            )
         cell_kw = dict(kernel_size=kernel_size, state_init=state_init, backend=backend)
         chains = [make_cell_chain(cell, in_channels, widths[0], self.halvings[0], **cell_kw)]
         fuses = []
@@ -141,6 +148,10 @@ class PTLBackbone(nn.Module):
             chains.append(make_cell_chain(cell, fused, widths[i], self.halvings[i], **cell_kw))
         self.cells, self.fuses = nn.ModuleList(chains), nn.ModuleList(fuses)
         self.final_fuse = conv1x1_bn_relu(widths[-1] + channels[-1], self.out_channels)
+        param = next((p for s in self.stages for p in s.parameters()), None)
+        if param is not None:  # where the backbone is, in its dtype (a float64 or CUDA backbone)
+            for m in (self.cells, self.fuses, self.final_fuse):
+                m.to(param.device, param.dtype)
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, Cin, H, W) -> (feature map (B, out_channels, H_K, W_K), x^K (B, C_K, H_K, W_K))."""
@@ -207,15 +218,13 @@ def ptl_wrap(
     )
 
 
-def _positive_int(n) -> int:
-    """out_channels as an int (numpy ints too; not bools), or a ValueError naming it."""
+def _positive_int(n) -> int | None:
+    """A channel count as an int (numpy ints too; not bools); None if it is not one."""
     try:
         value = None if isinstance(n, bool) else operator.index(n)
     except TypeError:
-        value = None
-    if value is None or value < 1:
-        raise ValueError(f"out_channels must be a positive int or None (the last stage's), got {n!r}")
-    return value
+        return None
+    return value if value is not None and value >= 1 else None
 
 
 def resolve_stages(backbone: nn.Module, stages: Sequence[str | nn.Module] | str) -> list[nn.Module]:
@@ -260,12 +269,85 @@ def measure_stages(stages: Sequence[nn.Module], input_size: tuple[int, int], in_
                     f"in_channels and input_size): {e}"
                 ) from e
             if not isinstance(x, Tensor) or x.dim() != 4:
-                raise ValueError(f"stage {i} ({type(stage).__name__}) must return a (B, C, H, W) tensor")
+                got = f"a {x.dim()}-D tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+                raise ValueError(
+                    f"stage {i} ({type(stage).__name__}) must return a (B, C, H, W) tensor, got {got}"
+                )
             shapes.append(tuple(x.shape[1:]))
     finally:
         for m, mode in modes:
             m.train(mode)
     return shapes
+
+
+def _ends(stage: nn.Module, first: bool) -> list[nn.Module]:
+    """The stage and, through nested nn.Sequentials, its first (or last) child: whichever of
+    them the backbone's forward calls sees the stage's input (or gives its output)."""
+    ends = [stage]
+    while isinstance(ends[-1], nn.Sequential) and len(ends[-1]) > 0:
+        ends.append(ends[-1][0 if first else -1])
+    return ends
+
+
+@torch.no_grad()
+def warn_if_not_a_chain(
+    backbone: nn.Module, stages: Sequence[nn.Module], input_size: tuple[int, int], in_channels: int
+) -> None:
+    """Warn where backbone.forward, run once on a random dummy image (eval mode, modes restored
+    after), does not compute x^i = stage_i(x^{i-1}) from the image: PTLBackbone runs only the
+    stages, so what the forward does between them (an input transform, a residual add, an
+    in-place activation) would be silently dropped. A forward that cannot run on an image is
+    not checked."""
+    param = next((p for s in stages for p in s.parameters()), None)
+    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
+    inputs: dict[int, Tensor] = {}
+    outputs: dict[int, Tensor] = {}
+
+    def record(store: dict, i: int, t) -> None:
+        if i not in store and isinstance(t, Tensor):  # the first call: later ones are reuses
+            store[i] = t.detach().clone()
+
+    handles = []
+    for i, stage in enumerate(stages):
+        for m in _ends(stage, first=True):
+            handles.append(
+                m.register_forward_pre_hook(lambda m, a, i=i: record(inputs, i, a[0] if a else None))
+            )
+        for m in _ends(stage, first=False):
+            handles.append(m.register_forward_hook(lambda m, a, out, i=i: record(outputs, i, out)))
+    modes = [(m, m.training) for m in backbone.modules()]
+    gen = torch.Generator().manual_seed(0)  # the global random stream is left alone
+    x = torch.randn(1, in_channels, *input_size, generator=gen).to(device, dtype)
+    try:
+        backbone.eval()
+        backbone(x)
+    except Exception:
+        return
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.train(mode)
+    problems = []
+    for i in range(len(stages)):
+        expected = x if i == 0 else outputs.get(i - 1)
+        got = inputs.get(i)
+        if got is None:
+            problems.append(f"stage {i + 1} is not called")
+        elif expected is None or got.shape != expected.shape or not torch.equal(got, expected):
+            problems.append(
+                f"stage {i + 1} gets something other than "
+                + ("the image (the forward transforms it first)" if i == 0 else f"stage {i}'s output")
+            )
+    if problems:
+        warnings.warn(
+            f"ptl_wrap: {type(backbone).__name__}.forward does not run the stages as a chain from the "
+            f"image: {'; '.join(problems)}. The wrapped network runs only the stages, in sequence, so "
+            "it would not compute what the backbone computes. Pass stages that hold those "
+            "computations (or a backbone whose forward is the chain)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _halvings(i: int, size: tuple, next_size: tuple, k: int, input_size: tuple) -> int:
@@ -279,5 +361,6 @@ def _halvings(i: int, size: tuple, next_size: tuple, k: int, input_size: tuple) 
         f"stage {i + 1} maps {size[0]}x{size[1]} to {next_size[0]}x{next_size[1]} (measured at "
         f"input_size={tuple(input_size)}): PTL's cells can only follow a resolution ratio that is a power "
         "of 2 (a stride-2 cell maps H to ceil(H/2)); use an input_size divisible by the backbone's total "
-        "stride, or other stages"
+        "stride, or other stages. A stage whose strided convolutions have no padding (Inception v3's "
+        "stem) shrinks every size by more than a halving: no input_size makes it fit"
     )
