@@ -123,7 +123,8 @@ FwdEpilogueArgs run_fwd(FwdEpilogue epilogue, FusedFwd fused, bool fused_gemm, c
   return a;
 }
 
-Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+// A bias for GemmArgs: the fused kernel indexes it densely (bias[q * Cout + n]).
+Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? t->contiguous() : Tensor(); }
 
 }  // namespace
 
@@ -166,12 +167,16 @@ Tensor bconv_cell_eval(EvalEpilogue epilogue, FusedEval fused, const Tensor& x,
                        const Tensor& weight3, const OptTensor& bias3, const OptTensor& gate_map,
                        int64_t stride, int64_t padding, bool fused_gemm) {
   TORCH_CHECK(x.dim() == 4, "ptl_fused: x must be 4-D (B, Cin, H, W), got ", x.sizes());
-  TORCH_CHECK(weight3.dim() == 4 && weight3.size(0) % 3 == 0 && weight3.size(1) == x.size(1),
-              "ptl_fused: the eval weight must be (3*Cout, Cin, k, k) (gates i, o, g), got ",
+  TORCH_CHECK(weight3.dim() == 4 && weight3.size(0) % 3 == 0 && weight3.size(1) == x.size(1) &&
+                  weight3.size(2) == weight3.size(3),
+              "ptl_fused: the eval weight must be (3*Cout, Cin, k, k) with square k (gates i, o, "
+              "g), got ",
               weight3.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() == weight3.scalar_type(),
               "ptl_fused: x and weight must share a floating dtype");
   TORCH_CHECK(stride >= 1 && padding >= 0, "ptl_fused: need stride >= 1 and padding >= 0");
+  TORCH_CHECK(!bias3.has_value() || bias3->sizes() == at::IntArrayRef{weight3.size(0)},
+              "ptl_fused: the eval bias must be (3*Cout,), got ", bias3->sizes());
   check_device("weight", weight3, x);
   if (bias3.has_value()) check_device("bias", *bias3, x);
   const auto fmt = x.suggest_memory_format();

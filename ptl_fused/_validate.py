@@ -154,11 +154,18 @@ def check_eval_inputs(
     _int("padding", padding, 0)
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a 4-D (B, Cin, H, W) floating-point tensor, got {x.dtype} {_shape(x)}")
-    if weight3.dim() != 4 or weight3.shape[0] % 3 or weight3.shape[1] != x.shape[1]:
+    if (
+        weight3.dim() != 4
+        or weight3.shape[0] % 3
+        or weight3.shape[1] != x.shape[1]
+        or weight3.shape[2] != weight3.shape[3]
+    ):
         raise ValueError(
-            f"weight3 must be (3*Cout, {x.shape[1]}, k, k) (gates i, o, g), got {_shape(weight3)}"
+            f"weight3 must be (3*Cout, {x.shape[1]}, k, k) with square k (gates i, o, g), got {_shape(weight3)}"
         )
     _same_device("weight3", weight3, x)
+    if weight3.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"weight3 is {weight3.dtype} but x is {x.dtype}; use one dtype (or autocast)")
     k = weight3.shape[-1]
     ho, wo = (conv_output_size(n, k, stride, padding) for n in x.shape[-2:])
     if ho < 1 or wo < 1:
@@ -167,6 +174,7 @@ def check_eval_inputs(
         if _shape(_tensor("bias3", bias3)) != (weight3.shape[0],):
             raise ValueError(f"bias3 must have shape ({weight3.shape[0]},), got {_shape(bias3)}")
         _same_device("bias3", bias3, x)
+        _same_dtype("bias3", bias3, weight3)
     if gate_map is not None:
         if _shape(_tensor("gate_map", gate_map)) != (weight3.shape[0], ho, wo):
             raise ValueError(

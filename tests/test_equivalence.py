@@ -54,10 +54,11 @@ def test_without_bias(backend, device, v2):
 
 
 def _non_contiguous(args):
-    # Every 4-D tensor becomes a strided view into a larger buffer.
+    # Every tensor (the biases too: the GPU kernels read them by raw pointer) becomes a
+    # strided view into a larger buffer.
     out = {}
     for n, t in args.items():
-        if isinstance(t, torch.Tensor) and t.dim() == 4:
+        if isinstance(t, torch.Tensor) and t.dim() in (1, 4):
             big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
             big[..., ::2] = t.detach()
             big.requires_grad_()

@@ -101,6 +101,53 @@ def test_eval_shortcut_channels_last_whole_channel_groups(backend, device, case,
     test_eval_shortcut_channels_last(backend, device, v2, case=case)
 
 
+@pytest.mark.parametrize("with_map", [False, True], ids=["bias3", "v2-gate_map"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_prepared_eval_op_takes_strided_parameters(backend, device, with_map):
+    # Every-other-element views of weight3, bias3 and the gate map: Triton read the bias as
+    # dense (max error 0.73), as cuda_igemm's raw pointer did (1.17, emulated).
+    case = CASES[1]
+    a = cast_inputs(make_inputs(case, with_map), torch.float32, device, False)
+    if with_map:  # v2 with bias_rec: the biases fold into the map, bias3 is None
+        size = a["x"].shape[-2:]
+        weight3, bias3, gate_map = ops.v2_eval_params(
+            a["weight"], a["bias"], a["bias_rec"], size, case.stride, case.padding
+        )
+        assert bias3 is None and gate_map is not None
+    else:
+        rows = python_ref.eval_gate_rows
+        weight3, bias3, gate_map = rows(a["weight"]), rows(a["bias"]), None
+    want = python_ref.bconv_cell_eval(a["x"], weight3, bias3, gate_map, case.stride, case.padding)
+
+    def strided(t):
+        if t is None:
+            return None
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        return big[..., ::2]
+
+    got = ops.bconv_cell_eval(
+        a["x"], strided(weight3), strided(bias3), strided(gate_map), case.stride, case.padding, backend
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_eval_op_refuses_a_non_square_kernel_or_mixed_dtypes():
+    # The backends read k from different dimensions (three output shapes; the CPU epilogue read
+    # past the gates) and Triton failed on mixed dtypes deep in its interpreter.
+    x = torch.randn(2, 3, 7, 7)
+    with pytest.raises(ValueError, match=r"weight3 must be \(3\*Cout, 3, k, k\) with square k"):
+        ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 1), None, None)
+    with pytest.raises(RuntimeError, match="eval weight must be .* with square k"):
+        torch.ops.ptl_fused.bconv_cell_eval(x, torch.randn(12, 3, 1, 3), None, None, 1, 0, False)
+    with pytest.raises(RuntimeError, match=r"eval bias must be \(3\*Cout,\)"):
+        torch.ops.ptl_fused.bconv_cell_eval(x, torch.randn(12, 3, 3, 3), torch.randn(16), None, 1, 0, False)
+    with pytest.raises(TypeError, match="weight3 is torch.float64 but x is torch.float32"):
+        ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 3, dtype=torch.float64), None, None)
+    with pytest.raises(TypeError, match="bias3 is torch.float64 but weight is torch.float32"):
+        ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 3), torch.randn(12, dtype=torch.float64), None)
+
+
 def _cell(v2: bool, backend: str, **kw):
     cls = ptl_fused.BConvCellV2 if v2 else ptl_fused.BConvCell
     torch.manual_seed(0)

@@ -136,6 +136,7 @@ def _launch_fwd(
     if tap_major:
         weight = weight.unflatten(1, (2 if v2 else 1, -1)).permute(0, 1, 3, 4, 2)
     weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernels index it densely
     ss = y.stride()
     for t in (c_new, c_prev, h_prev, h_new):  # the kernel addresses them with y's strides
         assert t is None or same_layout(t, y), "state-shaped tensors must share y's layout"
@@ -212,6 +213,7 @@ def _recover(x, weight_rec, bias_rec, h_prev, stride, padding, fmt):
     cout, k = weight_rec.shape[0], weight_rec.shape[-1]
     x_rec = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     weight_rec = weight_rec.contiguous()
+    bias_rec = None if bias_rec is None else bias_rec.contiguous()
     grid = lambda meta: (triton.cdiv(b * h * w, meta["BLOCK_M"]), triton.cdiv(cin, meta["BLOCK_N"]))  # noqa: E731
     with on_device(x):
         recovery_kernel[grid](
