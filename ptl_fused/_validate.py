@@ -161,7 +161,8 @@ def check_eval_inputs(
         or weight3.shape[2] != weight3.shape[3]
     ):
         raise ValueError(
-            f"weight3 must be (3*Cout, {x.shape[1]}, k, k) with square k (gates i, o, g), got {_shape(weight3)}"
+            f"weight3 must be (3*Cout, {x.shape[1]}, k, k) with square k (gates i, o, g), "
+            f"got {_shape(weight3)}"
         )
     _same_device("weight3", weight3, x)
     if weight3.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):

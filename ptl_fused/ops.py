@@ -29,7 +29,8 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def exporting() -> bool:
     """True while torch.export / torch.onnx.export trace the model: the cells then emit the
-    reference's plain ATen ops (with the eval shortcut), which every exporter understands."""
+    reference's plain ATen ops, which every exporter understands, and inference takes the eval
+    shortcut in any grad mode (those ops are differentiable; the fused eval kernels are not)."""
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
@@ -55,8 +56,10 @@ def _differentiated_forward(tensors: tuple[Tensor | None, ...]) -> bool:
 def _resolve(backend: str, x: Tensor, *tensors: Tensor | None) -> backends.Backend:
     """The backend to run: the chosen one, or the reference while exporting or under forward
     AD / torch.func transforms (same values, the gradients those need)."""
+    if exporting():  # before resolving: a model built for backend="cuda" exports on a CPU machine
+        return backends.BACKENDS["reference"]
     impl = backends.resolve(backend, x.device)
-    if exporting() or _differentiated_forward((x, *tensors)):
+    if _differentiated_forward((x, *tensors)):
         return backends.BACKENDS["reference"]
     return impl
 
@@ -80,7 +83,7 @@ def bconv_cell(
     impl = _resolve(backend, x, weight, bias, c_prev)
     if c_prev is not None:
         return impl.bconv_cell(x, weight, bias, c_prev, stride, padding)
-    if _needs_grad(x, weight, bias):
+    if _needs_grad(x, weight, bias) and not exporting():  # the shortcut has no backward
         c0 = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
         return impl.bconv_cell(x, weight, bias, c0, stride, padding)[0], None
     rows_bias = None if bias is None else eval_gate_rows(bias)
@@ -117,7 +120,7 @@ def bconv_cell_v2(
     impl = _resolve(backend, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
     inference = c_prev is None
     if inference:
-        if not _needs_grad(x, weight, bias, weight_rec, bias_rec):
+        if not _needs_grad(x, weight, bias, weight_rec, bias_rec) or exporting():
             w3, b3, m = v2_eval_params(weight, bias, bias_rec, x.shape[-2:], stride, padding)
             return impl.bconv_cell_eval(x, w3, b3, m, stride, padding), None, None
         c_prev = h_prev = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))

@@ -243,11 +243,14 @@ def test_eval_shortcut_under_torch_compile(v2):
         torch.testing.assert_close(compiled(x), _module_reference(cell, x))
 
 
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_torch_export_decomposes_with_the_shortcut(v2):
+def test_torch_export_decomposes_with_the_shortcut(v2, grad_mode):
+    # Also with grad mode on and trainable parameters (before: the full 4-gate cell from zeros,
+    # v2 with a conv_transpose2d of the zero H).
     cell = _cell(v2, "cpu").eval()
     x = torch.randn(2, 3, 9, 7)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad_mode):
         ep = torch.export.export(cell, (x,))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("ptl_fused" in t for t in targets), f"custom ops left in the exported graph: {targets}"

@@ -71,6 +71,28 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, opset, backend):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_export_keeps_each_modules_mode_and_the_models_dtype(tmp_path):
+    model = _TinyPTLNet().double().train()
+    model.block[1].eval()  # a frozen BN: export used to hand it back in training mode
+    path = export_onnx(model, tmp_path / "f64.onnx", height=16, width=8, opset=18)
+    assert model.training and model.cell1.training and not model.block[1].training
+    proto = onnx.load(str(path))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cuda_igemm", "triton"])
+def test_a_model_built_for_a_gpu_backend_exports_anywhere(tmp_path, backend):
+    # The exporters trace the reference's ops whatever the backend, so none needs to run here.
+    model = _TinyPTLNet(backend)
+    path = export_onnx(model, tmp_path / "gpu.onnx", height=16, width=8, opset=18)
+    x = torch.randn(2, 3, 16, 8)
+    (got,) = _session(path).run(None, {"images": x.numpy()})
+    reference = _TinyPTLNet("reference")
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        np.testing.assert_allclose(got, reference.eval()(x).feature.numpy(), atol=1e-4, rtol=0)
+
+
 def test_plain_tensor_model_and_missing_folder(tmp_path):
     model = nn.Sequential(ptl_fused.BConvCell(3, 2, 3, padding=1, backend="reference"), nn.Flatten())
     path = export_onnx(model, tmp_path / "plain.onnx", 8, 4, opset=18)

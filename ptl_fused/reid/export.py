@@ -1,7 +1,8 @@
 """Export a ReID model's retrieval feature to ONNX.
 
 In eval mode every BConv-Cell starts from zero state, so the network is feed-forward and
-exports as a plain graph: input "images" (B, 3, height, width) float32, output "feature" (B, D),
+exports as a plain graph: input "images" (B, 3, height, width) in the model's dtype (float32 for
+most), output "feature" (B, D),
 with a dynamic batch axis. A model that returns an object with `.feature` (ModelOutput) is
 wrapped so that the graph outputs only the feature.
 
@@ -43,19 +44,21 @@ def export_onnx(
 ) -> Path:
     """Write model's eval-mode feature as an ONNX graph to `path`; returns the path.
 
-    The model stays on its device (the example input (2, 3, height, width) is made there); its
-    training mode is restored afterwards. opset=None takes the exporter's default; dynamo=None
-    picks the exporter from the opset (see the module docstring).
+    The model stays on its device and dtype (the example input (2, 3, height, width) is made
+    in them); the training mode of each of its modules is restored afterwards. opset=None takes
+    the exporter's default; dynamo=None picks the exporter from the opset (see the module
+    docstring).
     """
     path = Path(path)
     if dynamo is None:
         dynamo = opset is None or opset >= 18
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder for the ONNX file does not exist: {path.parent}")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # a frozen BN stays in eval
     model.eval()
-    device = next(model.parameters()).device
-    example = torch.randn(2, 3, height, width, device=device)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
+    example = torch.randn(2, 3, height, width, device=device, dtype=dtype)
     try:
         kwargs = {"opset_version": opset} if opset is not None else {}
         with torch.no_grad(), warnings.catch_warnings():
@@ -78,5 +81,6 @@ def export_onnx(
                 **kwargs,
             )
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.train(mode)
     return path
