@@ -116,6 +116,8 @@ def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones():
         ("stages=[{}, {optim: {step_size: 0}}]", "stages[1]: optim.step_size must be >= 1, got 0"),
         ("data.random_erasing=1.5", "data.random_erasing must be in [0, 1], got 1.5"),
         ("std.lam=-0.1", "std.lam must be in [0, 1], got -0.1"),
+        ("train.max_batches=0", "train.max_batches must be None (all) or an int >= 1, got 0"),
+        ("train.max_batches=two", "train.max_batches must be None (all) or an int >= 1, got 'two'"),
     ],
 )
 def test_out_of_range_settings_name_the_key(override, message):
@@ -279,6 +281,51 @@ def test_resume_after_epoch_k_is_bit_identical(tmp_path, monkeypatch, cell):
     other = run(digits_cfg(tmp_path / "c", *overrides, "seed=1"), build=tiny_build, verbose=False)
     wc = torch.load(Path(other["out"]) / "weights.pt")
     assert not torch.equal(wa["classifier.weight"], wc["classifier.weight"])
+
+
+def test_fp16_resume_of_a_checkpoint_without_loss_scaling_starts_a_new_scaler(tmp_path, monkeypatch):
+    # amp=fp16 run on the CPU (no scaling: the scaler saves {}), resumed where the scaler is on
+    # (a GPU; forced on here): loading {} used to fail with a traceback.
+    import ptl_fused.engine.trainer as trainer
+
+    cfg = digits_cfg(tmp_path, "amp=fp16", "optim.epochs=1")
+    run(cfg, build=tiny_build, verbose=False)
+    assert load_checkpoint(Path(cfg["out"]) / "last.pt")["scaler"] == {}
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(trainer.torch.amp, "GradScaler", lambda device, enabled: real(device, enabled=True))
+    with pytest.warns(UserWarning, match="written without fp16 loss scaling .* starts a new GradScaler"):
+        res = run(
+            digits_cfg(tmp_path, "amp=fp16", "optim.epochs=2"), resume="auto", build=tiny_build, verbose=False
+        )
+    assert [h["epoch"] for h in res["stages"][0]["history"]] == [1, 2]
+
+
+def test_resume_by_another_number_of_processes_warns(tmp_path):
+    cfg = digits_cfg(tmp_path, "optim.epochs=1")
+    run(cfg, build=tiny_build, verbose=False)
+    path = Path(cfg["out"]) / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["rng"] = [ckpt["rng"][0]] * 2  # as two DDP ranks write it
+    torch.save(ckpt, path)
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\), resumed by 1: .* not bit-identically"):
+        run(digits_cfg(tmp_path, "optim.epochs=2"), resume="auto", build=tiny_build, verbose=False)
+
+
+@pytest.mark.parametrize(("init_scale", "skips"), [(1.0, False), (3e38, True)])
+def test_skipped_fp16_steps_are_counted_in_the_log(tmp_path, monkeypatch, init_scale, skips):
+    # A scale that overflows the gradients skips steps (GradScaler's rule); the row says how many.
+    import ptl_fused.engine.trainer as trainer
+
+    real = torch.amp.GradScaler
+    with monkeypatch.context() as m:
+        m.setattr(
+            trainer.torch.amp, "GradScaler", lambda device, enabled: real(device, init_scale=init_scale)
+        )
+        res = run(digits_cfg(tmp_path, "amp=fp16", "optim.epochs=1"), build=tiny_build, verbose=False)
+    (row,) = res["stages"][0]["history"]
+    assert isinstance(row["amp_skipped_steps"], int) and (row["amp_skipped_steps"] > 0) == skips
+    plain = run(digits_cfg(tmp_path / "plain"), build=tiny_build, verbose=False)  # no scaler: no column
+    assert "amp_skipped_steps" not in plain["stages"][0]["history"][0]
 
 
 def test_resume_inside_a_sequential_run(tmp_path, monkeypatch):

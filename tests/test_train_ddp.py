@@ -67,6 +67,9 @@ def test_two_gloo_ranks_state_sync_mean_and_none(tmp_path):
         # rank 0 alone writes logs and checkpoints; the train loss is the mean over both ranks
         assert (tmp_path / sync / "run" / "last.pt").is_file()
         assert r[0]["history"][-1]["train_loss"] == r[1]["history"][-1]["train_loss"]
+        # Rank 0 alone evaluates; every rank returns its metrics (rank 1 had none, and the
+        # digits job's rank 1 failed on final["test_accuracy"]).
+        assert "test_accuracy" in r[0]["history"][-1] and r[1]["history"] == r[0]["history"]
 
 
 def test_two_gloo_ranks_resume_exactly(tmp_path):
@@ -79,3 +82,6 @@ def test_two_gloo_ranks_resume_exactly(tmp_path):
         a, b = straight[rank]["params"], resumed[rank]["params"]
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"rank {rank} {k}")
+        assert [h["test_accuracy"] for h in resumed[rank]["history"]] == [
+            h["test_accuracy"] for h in straight[0]["history"]
+        ]

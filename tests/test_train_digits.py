@@ -160,3 +160,12 @@ def test_main_job_refuses_an_optim_epochs_override(tmp_path, capsys):
     assert main(["--quick", f"out={tmp_path}", "optim.epochs=1"]) == 2
     assert "optim.epochs: the digits job sets each run's epochs itself" in capsys.readouterr().err
     assert not tmp_path.exists() or not any(tmp_path.iterdir()), "nothing may run"
+
+
+def test_main_job_refuses_epochs_without_evaluation_before_training(tmp_path, capsys):
+    # Its curves need every epoch's test accuracy: eval.every=0 failed after all the training.
+    assert main(["--quick", f"out={tmp_path}", "eval.every=0"]) == 2
+    assert "the digits job plots test accuracy after every epoch: eval.every must be 1, got 0" in (
+        capsys.readouterr().err
+    )
+    assert not tmp_path.exists() or not any(tmp_path.iterdir()), "nothing may run"

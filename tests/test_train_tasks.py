@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,27 @@ def test_too_few_identities_for_a_pk_batch_says_how_p_is_made(tmp_path):
     how = "p = data.batch_size // data.num_instances = 16 // 2 = 8"
     with pytest.raises(ValueError, match=re.escape(how) + ".* has only 4 identities"):
         run(cfg, build=tiny_build, verbose=False)
+
+
+@pytest.mark.parametrize(("batch_size", "made"), [(8, None), (9, 8), (4, 8)])
+def test_a_pk_batch_of_another_size_than_asked_warns(batch_size, made):
+    from types import SimpleNamespace
+
+    from ptl_fused.engine.distributed import DistInfo
+    from ptl_fused.engine.trainer import make_train_loader
+
+    cfg = load_config("market1501_mgn_ptl", [f"data.batch_size={batch_size}", "data.num_instances=4"])
+    task = SimpleNamespace(
+        pk_sampling=True, train_labels=[i % 5 for i in range(40)], train_set=list(range(40))
+    )
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        loader, _ = make_train_loader(task, cfg, DistInfo(), torch.device("cpu"))
+    msgs = [str(m.message) for m in w if "loss.triplet" in str(m.message)]
+    assert loader.batch_size == (made or batch_size)
+    assert msgs == ([] if made is None else [msgs[0]]) and (
+        made is None or f"= {made} images, not" in msgs[0]
+    )
 
 
 def hand_map_rank1(model, root: Path, height: int, width: int) -> tuple[float, float]:

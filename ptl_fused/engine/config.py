@@ -234,6 +234,9 @@ def validate(cfg: dict) -> None:
     for key, low in MINIMUMS.items():
         if get(cfg, key) < low:
             raise ConfigError(f"{key} must be >= {low}, got {get(cfg, key)}")
+    mb = cfg["train"]["max_batches"]  # None (every batch) has no type to check against
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
+        raise ConfigError(f"train.max_batches must be None (all) or an int >= 1, got {mb!r}")
     for key in ("std.lam", "data.random_erasing"):
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {get(cfg, key)}")

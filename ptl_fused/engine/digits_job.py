@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -124,6 +125,11 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
         raise ValueError(f"digits.methods: unknown {sorted(unknown)}; choose from {list(CELLS)}")
     if "std" in d["methods"] and "ptl" not in d["methods"]:
         raise ValueError("digits.methods: 'std' needs 'ptl' (its teacher) in the list")
+    if cfg["eval"]["every"] != 1:  # found before any training, not after all of it
+        every = cfg["eval"]["every"]
+        raise ValueError(
+            f"the digits job plots test accuracy after every epoch: eval.every must be 1, got {every}"
+        )
     methods = sorted(d["methods"], key=lambda m: m == "std")  # the teacher first
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     pretrain_runs: list[dict] = []
@@ -136,12 +142,25 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
     finally:
         torch.set_num_threads(threads)
     summary = summarize(cfg, pretrain_runs, runs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    plot_curves(summary, out / "curves.png")
-    print(format_table(summary))
-    print(f"\nwritten: {out / 'results.json'}, {out / 'curves.png'} (per-run logs under {out}/seed*/)")
+    if _is_main_process():  # under torchrun every rank has the summary; one writes it
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        plot_curves(summary, out / "curves.png")
+        print(format_table(summary))
+        print(f"\nwritten: {out / 'results.json'}, {out / 'curves.png'} (per-run logs under {out}/seed*/)")
     return summary
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (its RANK, before the first run joins the process group), or alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(*args, **kwargs) -> None:
+    if _is_main_process():
+        print(*args, **kwargs)
 
 
 def _run_all(
@@ -149,21 +168,21 @@ def _run_all(
 ) -> None:
     d = cfg["digits"]
     for seed in d["seeds"]:
-        print(f"-- seed {seed}: pre-train the plain CNN on digits {d['pretrain_classes']}", flush=True)
+        _say(f"-- seed {seed}: pre-train the plain CNN on digits {d['pretrain_classes']}", flush=True)
         pre = run(pretrain_config(cfg, seed), resume, build, verbose=False)
         pretrain_runs.append(pre)
         acc = pre["stages"][0]["final"]["test_accuracy"]
-        print(f"   held-out accuracy on the pre-training digits: {acc:.1f}%", flush=True)
+        _say(f"   held-out accuracy on the pre-training digits: {acc:.1f}%", flush=True)
         start = from_pretrained(build, Path(pre["out"]) / "weights.pt")
         for method in methods:
             teacher = None
             if method == "std":
                 teacher = str(Path(runs["ptl"][-1]["out"]) / "last.pt")
-            print(f"-- seed {seed}: {method} ({DESCRIPTIONS[method]})", flush=True)
+            _say(f"-- seed {seed}: {method} ({DESCRIPTIONS[method]})", flush=True)
             result = run(method_config(cfg, method, seed, teacher), resume, start, verbose=False)
             runs[method].append(result)
             acc = result["stages"][0]["final"]["test_accuracy"]
-            print(f"   held-out accuracy on the transfer digits: {acc:.1f}%", flush=True)
+            _say(f"   held-out accuracy on the transfer digits: {acc:.1f}%", flush=True)
 
 
 def summarize(cfg: dict, pretrain_runs: list[dict], runs: dict[str, list[dict]]) -> dict:

@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, dump, num_stages, stage_config
 from .data import Task, build_task
-from .distributed import DistInfo, barrier, gather_objects, init_distributed, sync_cell_states
+from .distributed import DistInfo, gather_objects, init_distributed, sync_cell_states
 from .logs import EpochLog
 from .losses import ClassificationLoss, DistillationLoss
 
@@ -229,6 +229,14 @@ def make_train_loader(task: Task, cfg: dict, info: DistInfo, device: torch.devic
                 f"{how}, but the {task.name} training set has only {num_ids} identities; lower "
                 "data.batch_size or raise data.num_instances"
             )
+        if p * k != batch_size and info.is_main:
+            warnings.warn(
+                f"loss.triplet: batches of p identities x k = {p} x {k} = {p * k} images, not "
+                f"data.batch_size = {batch_size} (p = max(2, batch_size // num_instances)); set "
+                "data.batch_size to a multiple of data.num_instances to choose it",
+                UserWarning,
+                stacklevel=2,
+            )
         batch_size = p * k
         sampler = PKSampler(
             task.train_labels, p=p, k=k, seed=cfg["seed"], num_replicas=info.world, rank=info.rank
@@ -286,7 +294,15 @@ def train_stage(
         load_model_state(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] or not scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        else:  # saved by a run without fp16 autocast (on the CPU): a GradScaler starts afresh
+            warnings.warn(
+                f"{path}: the checkpoint was written without fp16 loss scaling (another device or "
+                "amp setting); the resumed run starts a new GradScaler",
+                UserWarning,
+                stacklevel=2,
+            )
         history, start = list(ckpt["history"]), ckpt["epoch"]
     net = model
     if info.world > 1:
@@ -299,6 +315,15 @@ def train_stage(
     others: list[dict] = []
     if resume is not None:
         saved = resume[0]
+        saved_world = len(saved["rng"]) if isinstance(saved["rng"], list) else 1
+        if saved_world != info.world and info.is_main:
+            warnings.warn(
+                f"{resume[1]}: written by {saved_world} process(es), resumed by {info.world}: the run "
+                "goes on, not bit-identically (the global batch is data.batch_size per rank, and the "
+                "ranks start from rank 0's random state)",
+                UserWarning,
+                stacklevel=2,
+            )
         others = [rank_rng(saved, r, info.world) for r in range(1, info.world)]
         # Last: building the loader etc. must not disturb it.
         restore_rng(rank_rng(saved, info.rank, info.world))
@@ -343,6 +368,11 @@ def train_stage(
         if verbose:
             tqdm.write(f"[{task.name}] " + "  ".join(_fmt(k, v) for k, v in row.items()))
 
+    def share(row: dict) -> None:
+        """Rank 0's row (its evaluation: only rank 0 evaluates) into every rank's, so that every
+        rank returns the same history and final metrics. A collective: also the epoch's barrier."""
+        row |= gather_objects(row, info)[0]
+
     # The checkpoint of an epoch is written before its evaluation (pending_eval), so an
     # evaluation that fails loses no training: the resumed run evaluates that epoch first, from
     # the RNG state the evaluation started from, as the uninterrupted run did.
@@ -350,7 +380,7 @@ def train_stage(
         if info.is_main:
             evaluate(history[-1])
             report(history[-1])
-        barrier(info)
+        share(history[-1])
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
@@ -378,7 +408,7 @@ def train_stage(
             if evaluated_at(epoch):
                 evaluate(row)
             report(row)
-        barrier(info)
+        share(row)
     result = {
         "stage": stage,
         "dataset": task.name,
@@ -404,7 +434,7 @@ def train_epoch(
     model.train()
     sampler.set_epoch(epoch)
     max_batches = cfg["train"]["max_batches"]
-    total = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
+    total = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, images, fp16 steps skipped
     bar = tqdm(
         loader,
         desc=f"epoch {epoch + 1}/{cfg['optim']['epochs']}",
@@ -422,16 +452,21 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
-        scaler.update()
+        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+        scaler.update()  # lowers the scale where the step was skipped (inf/NaN gradients)
+        skipped = scaler.is_enabled() and scaler.get_scale() < scale
         if sync:
             sync_cell_states(model, info.world)
         correct = (out.logits[0].argmax(1) == y).sum().item()
-        total += torch.tensor([loss.item() * len(y), correct, len(y)], dtype=torch.float64)
+        total += torch.tensor([loss.item() * len(y), correct, len(y), skipped], dtype=torch.float64)
         bar.set_postfix(loss=f"{total[0] / total[2]:.4f}", acc=f"{100 * total[1] / total[2]:.1f}%")
     if info.world > 1:
         dist.all_reduce(total)
     n = max(total[2].item(), 1.0)
-    return {"train_loss": total[0].item() / n, "train_accuracy": 100.0 * total[1].item() / n}
+    row = {"train_loss": total[0].item() / n, "train_accuracy": 100.0 * total[1].item() / n}
+    if scaler.is_enabled():  # a run whose fp16 steps keep overflowing says so
+        row["amp_skipped_steps"] = int(total[3].item() / info.world)
+    return row
 
 
 def _fmt(k: str, v) -> str:
