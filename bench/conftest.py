@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import os
 import platform
 
 import pytest
 import torch
+
+import ptl_fused
+from ptl_fused import _extension
 
 from report import write_report
 
@@ -55,6 +60,17 @@ def pytest_addoption(parser):
     )
 
 
+def run_rounds(benchmark, fn) -> None:
+    """benchmark(fn), leaving the row out of the JSON when the time box's SIGINT stops it: a
+    row without rounds made pytest-benchmark fail to write any JSON, and a row cut short would
+    have been kept unmarked."""
+    try:
+        benchmark(fn)
+    except KeyboardInterrupt:
+        benchmark.has_error = True
+        raise
+
+
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -101,6 +117,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "triton": triton_version,
         "driver": _driver(),
         "glibc_allocator_pinned": GLIBC_PINNED,
+        # What was measured: a backend missing (an extension that failed to load) drops its rows.
+        "backends": ptl_fused.available_backends(),
+        "extension_load_error": None if _extension.LOAD_ERROR is None else str(_extension.LOAD_ERROR),
+        "commit": os.environ.get("PTL_FUSED_COMMIT"),  # set by scripts/gpu_check.sh's caller
+        "pytest_benchmark": importlib.metadata.version("pytest-benchmark"),
         **_OPTIONS,
     }
 
@@ -118,14 +139,17 @@ def _driver() -> str | None:
             timeout=30,
         )
         return out.stdout.strip() or None
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return None
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     path = getattr(config.option, "benchmark_json", None)
     if path is not None:
-        write_report(output_json, str(path))  # a Path (pytest-benchmark >= 4)
+        try:  # pytest-benchmark saves the JSON after this hook: a report fault must not lose it
+            write_report(output_json, str(path))  # a Path (pytest-benchmark >= 4)
+        except Exception as e:  # noqa: BLE001  (report it, keep the measurements)
+            print(f"\nbench: the report of {path} failed ({type(e).__name__}: {e}); the JSON is kept")
 
 
 def pytest_generate_tests(metafunc):

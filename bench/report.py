@@ -23,7 +23,8 @@ def _merge(benchmarks: list[dict], impl_key: str) -> list[dict]:
         if impl_key not in e:
             continue
         m = merged.setdefault((b["group"], e[impl_key]), {"group": b["group"], "extra_info": e, "blocks": {}})
-        m["blocks"][e.get("repeat", 0)] = b["stats"]
+        calls = e.get("calls_per_round", 1)  # a round of the cell rows: that many calls, one sync
+        m["blocks"][e.get("repeat", 0)] = {k: b["stats"][k] / calls for k in ("min", "median")}
     for m in merged.values():
         m["min"] = min(s["min"] for s in m["blocks"].values())
         m["median"] = statistics.median(s["median"] for s in m["blocks"].values())
@@ -65,6 +66,13 @@ def write_report(data: dict, json_path: str) -> None:
         "torch.compile'd python_ref (>1 is faster); GB/s from the forward's compulsory bytes (fwd "
         "rows); TFLOP/s from the gate (+recovery) conv FLOPs (x3 for fwd+bwd); saved = bytes "
         "autograd keeps for backward (unique storages)."
+        + (
+            f" Cell rows on a GPU: a round is {max(b['extra_info'].get('calls_per_round', 1) for b in rows)} "
+            "calls back to back and one synchronize, over copies of the inputs that exceed twice "
+            "the L2 cache; times are per call."
+            if any(b["extra_info"].get("calls_per_round", 1) > 1 for b in rows)
+            else ""
+        )
         + (
             f" Each row was timed in {max(len(b['blocks']) for b in rows)} blocks, a row's "
             "implementations alternating block by block (--bench-repeat): min = the fastest "
@@ -128,15 +136,15 @@ def _eval_vs_training(rows: list[dict]) -> list[str]:
         tf = t.get((shape, version, "fwd", impl))
         if pass_ != "eval" or tf is None or impl in ("eager", "compile"):
             continue
-        v1 = t.get((shape, "v1", "eval", impl))
-        out.append(f"| {shape} | {version} | {impl} | {te / tf:.2f} | {te / v1:.2f} |")
+        v1 = t.get((shape, "v1", "eval", impl))  # None where that row did not run
+        out.append(f"| {shape} | {version} | {impl} | {te / tf:.2f} | {f'{te / v1:.2f}' if v1 else ''} |")
     if not out:
         return []
     return [
         "",
-        "## Eval shortcut vs training forward (min times)",
+        "## Eval shortcut vs training forward (min times; the fwd rows run without grad)",
         "",
-        "| shape | cell | impl | eval / training fwd | eval / v1 eval |",
+        "| shape | cell | impl | eval / no-grad training fwd | eval / v1 eval |",
         "|---|---|---|---|---|",
         *out,
     ]
@@ -221,8 +229,17 @@ def _plot(by_group: dict, path: Path, device: str) -> None:
 
 
 def merge(paths: list[str]) -> dict:
-    """One pytest-benchmark JSON from several runs of the suite (machine info of the first)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    """One pytest-benchmark JSON from several runs of the suite (machine info of the first
+    readable one); a part that cannot be read (a run killed while writing it) is left out, with
+    a message, rather than losing the others."""
+    runs = []
+    for p in paths:
+        try:
+            runs.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as e:
+            print(f"report: leaving out {p}: {e}")
+    if not runs:
+        raise SystemExit("report: no readable results to merge")
     return {**runs[0], "benchmarks": [b for r in runs for b in r["benchmarks"]]}
 
 

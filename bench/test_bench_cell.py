@@ -15,7 +15,7 @@ import python_ref
 from ptl_fused import available_backends, ops
 from ptl_fused.backends import BACKENDS
 
-from conftest import bench_device, compile_mode, memory_format
+from conftest import bench_device, compile_mode, memory_format, run_rounds
 
 DEVICE = bench_device()
 # Triton on the CPU is its interpreter (TRITON_INTERPRET=1, set by the tests): a test vehicle,
@@ -29,6 +29,20 @@ BACKEND_IMPLS = [
 ]
 IMPLS = ["eager", "compile", *BACKEND_IMPLS]
 torch._dynamo.config.cache_size_limit = 64
+
+# On a GPU a call of these cells takes 8-64 us of device time against ~25 us of host time, so
+# a round of one call and a sync would time the host and the sync: a round is CALLS calls back
+# to back, then one sync (report.py divides by calls_per_round), the calls cycling through
+# copies of the inputs so that a cell smaller than the L2 cache does not find them there.
+CALLS = 20 if DEVICE.type == "cuda" else 1
+
+
+def input_copies(nbytes: int) -> int:
+    """Copies of a row's inputs that together exceed twice the L2 cache (1 on the CPU)."""
+    if DEVICE.type != "cuda":
+        return 1
+    l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size
+    return min(CALLS, max(1, -(-2 * l2 // max(nbytes, 1))))
 
 
 def make_args(shape, v2: bool, dtype: torch.dtype) -> tuple[list, list[torch.Tensor]]:
@@ -59,8 +73,8 @@ def cell_fn(impl: str, v2: bool):
     ref = python_ref.bconv_cell_v2 if v2 else python_ref.bconv_cell
     if impl == "eager":
         return ref
-    if impl == "compile":
-        return torch.compile(ref, mode=compile_mode())
+    if impl == "compile":  # static shapes: each table shape gets its own graph, as in training
+        return torch.compile(ref, mode=compile_mode(), dynamic=False)
     op = ops.bconv_cell_v2 if v2 else ops.bconv_cell
     return functools.partial(op, backend=impl)
 
@@ -90,24 +104,29 @@ def _sync():
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
-    args, leaves = make_args(shape, v2, dtype)
+    sets = [make_args(shape, v2, dtype) for _ in range(input_copies(shape.bytes(v2, dtype)))]
+    args = sets[0][0]
     fn = cell_fn(impl, v2)
-    y0 = fn(*args)[0]
-    grad_y = torch.randn_like(y0)
+    grad_y = torch.randn_like(fn(*args)[0])
 
     def forward():
         with torch.no_grad():
-            out = fn(*args)
+            for i in range(CALLS):
+                out = fn(*sets[i % len(sets)][0])
         _sync()
         return out
 
     def forward_backward():
-        y = fn(*args)[0]
-        grads = torch.autograd.grad(y, leaves, grad_y)
+        for i in range(CALLS):
+            a, leaves = sets[i % len(sets)]
+            grads = torch.autograd.grad(fn(*a)[0], leaves, grad_y)
         _sync()
         return grads
 
-    forward_backward()  # warm-up: compiles the backward too
+    timed = forward if pass_ == "fwd" else forward_backward
+    # Warm-up outside the timing: compile (with and without grad: two graphs), autotune.
+    forward_backward()
+    timed()
     version = "v2" if v2 else "v1"
     benchmark.group = f"{shape.name} {version} {pass_}"
     flops = shape.flops(v2) * (3 if pass_ == "fwd+bwd" else 1)  # backward: dx and dW convs
@@ -123,8 +142,10 @@ def test_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
         flops=flops,
         bytes=shape.bytes(v2, dtype),
         saved_bytes=saved_bytes(lambda: fn(*args)),
+        calls_per_round=CALLS,
+        input_copies=len(sets),
     )
-    benchmark(forward if pass_ == "fwd" else forward_backward)
+    run_rounds(benchmark, timed)
 
 
 @functools.cache
@@ -136,7 +157,7 @@ def eval_fn(impl: str, v2: bool):
     if impl == "eager":
         return ref
     if impl == "compile":
-        return torch.compile(ref, mode=compile_mode())
+        return torch.compile(ref, mode=compile_mode(), dynamic=False)
     op = ops.bconv_cell_v2 if v2 else ops.bconv_cell
     return lambda *args: op(*args, backend=impl)[0]
 
@@ -154,19 +175,22 @@ def eval_args(impl: str, args: list, v2: bool) -> list:
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cell_eval(benchmark, shape, impl, v2, dtype, repeat):
-    args, _ = make_args(shape, v2, dtype)
-    with torch.no_grad():
-        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        call_args = eval_args(impl, args, v2)
+    sets = []
+    for _ in range(input_copies(shape.eval_bytes(dtype))):
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args(shape, v2, dtype)[0]]
+        sets.append(eval_args(impl, args, v2))
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args(shape, v2, dtype)[0]]
     fn = eval_fn(impl, v2)
 
     def forward():
         with torch.no_grad():
-            out = fn(*call_args)
+            for i in range(CALLS):
+                out = fn(*sets[i % len(sets)])
         _sync()
         return out
 
     y = forward()  # warm-up (compile, autotune)
+    forward()
     # Every row must compute the same y: the zero-state cell with the real weights.
     ref = (python_ref.bconv_cell_v2 if v2 else python_ref.bconv_cell)(*eval_args("eager", args, v2))[0]
     y = y[0] if isinstance(y, tuple) else y
@@ -186,5 +210,7 @@ def test_cell_eval(benchmark, shape, impl, v2, dtype, repeat):
         flops=shape.eval_flops(),
         bytes=shape.eval_bytes(dtype),
         saved_bytes=0,
+        calls_per_round=CALLS,
+        input_copies=len(sets),
     )
-    benchmark(forward)
+    run_rounds(benchmark, forward)

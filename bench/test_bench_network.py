@@ -8,6 +8,7 @@ overhead <= 1.2x the FLOP share). Batch: 32 on a GPU (bf16 autocast), 4 on the C
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 
@@ -18,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ptl_fused
 from ptl_fused.models import build_model
 
-from conftest import bench_device, memory_format
+from conftest import bench_device, memory_format, run_rounds
 from test_bench_cell import BACKEND_IMPLS
 
 DEVICE = bench_device()
@@ -47,12 +48,15 @@ def with_backend(impl: str) -> torch.nn.Module:
 @functools.cache
 def forward_flops(ptl: bool) -> int:
     """FLOPs of one training forward (cells through the reference backend, so that their
-    convolutions are visible to the counter)."""
-    net = with_backend("reference" if ptl else "baseline").train()
+    convolutions are visible to the counter), on a copy: the timed rows' model keeps its
+    backend and mode."""
+    net = copy.deepcopy(model(ptl)).train()
+    for m in net.modules():
+        if isinstance(m, (ptl_fused.BConvCell, ptl_fused.BConvCellV2)):
+            m.backend = "reference"
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         net(torch.randn(BATCH, 3, *INPUT, device=DEVICE))
-    ptl_fused.reset_states(net)
     return counter.get_total_flops()
 
 
@@ -101,5 +105,5 @@ def test_network_step(benchmark, impl, pass_, repeat):
         dtype="bfloat16" if DEVICE.type == "cuda" else "float32",
         cell_flop_share=(ptl - base) / base,
     )
-    benchmark(step)
+    run_rounds(benchmark, step)
     net.train()

@@ -3,14 +3,18 @@
 # GPU tests, then the benchmark, writing everything to one folder.
 #   bash scripts/gpu_check.sh [OUT_DIR]      (default: $OUT, else gpu_results/)
 #
-# Sized for a lent session (15 device minutes in all, 10 per command): every stage has its own
-# time box (seconds, overridable), so the script ends inside ~9 minutes and what finished comes
-# back even when a later stage runs out of time. The benchmark runs first without, then with
-# the torch.compile rows (compiling is the slow part), and the two JSONs are merged into one
-# table. FULL=1: every test and `--bench-set all` with max-autotune, no time boxes (a longer
+# Sized for a lent session (15 device minutes in all, 10 per command): one deadline, TOTAL_S
+# seconds (default 560) from the start; the build and the tests have time boxes of their own
+# (BUILD_S, TESTS_S), and the benchmark gets what they leave: 60% for the rows beside eager,
+# the rest for the torch.compile rows (compiling is the slow part). What finished comes back
+# even when a stage runs out of time: pytest stops on the box's SIGINT and writes its summary
+# and the JSON of the rows done (bench/conftest.py drops a row cut short). The two JSON parts
+# are written into the output folder and, once merged into bench.json, removed.
+# FULL=1: every test and `--bench-set all` with max-autotune, no time boxes (a longer
 # session). LAYOUT=channels_last: the benchmark's tensors (and network) in channels_last.
+# PTL_FUSED_COMMIT=<hash>: recorded in the results (the device gets no .git).
 # Files written (at most 8 come back from a device call): env.txt build.log tests.log
-# bench.log bench.json bench.md bench.png.
+# bench.log bench.json bench.md bench.png (or, if the merge fails, the two parts).
 set -uo pipefail
 out=${1:-${OUT:-gpu_results}}
 mkdir -p "$out"
@@ -20,14 +24,19 @@ box() { if [[ $full == 1 ]]; then echo 0; else echo "$1"; fi; }  # timeout 0: no
 # SIGINT first: pytest then stops its xdist workers and still writes its summary and the
 # benchmark JSON of the rows done so far; KILL 15 s later if anything lingers.
 boxed() { timeout -s INT -k 15 "$@"; }
-t_build=$(box "${BUILD_S:-170}") t_tests=$(box "${TESTS_S:-180}")
-t_bench=$(box "${BENCH_S:-120}") t_compile=$(box "${COMPILE_S:-60}")
 start=$SECONDS
+total=${TOTAL_S:-560}
+left() { echo $((total - (SECONDS - start))); }  # seconds to the deadline
+at_least_1() { echo $(($1 > 1 ? $1 : 1)); }      # timeout 0 would mean no time box at all
+t_build=$(box "${BUILD_S:-170}") t_tests=$(box "${TESTS_S:-180}")
 
 if ! python3 -c "import pytest, pytest_benchmark" 2>/dev/null; then
   wheels=../shared/gpu-wheels
   [[ -d $wheels ]] || wheels=shared/gpu-wheels
-  python3 -m pip install -q --no-index --no-deps --target /tmp/ptl_site "$wheels"/*.whl
+  python3 -m pip install -q --no-index --no-deps --target /tmp/ptl_site "$wheels"/*.whl || {
+    echo "gpu_check: no pytest/pytest-benchmark here and no wheels in $wheels"
+    exit 1
+  }
   export PYTHONPATH=/tmp/ptl_site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1
@@ -36,6 +45,8 @@ export PYTHONUNBUFFERED=1
   nvidia-smi
   python3 -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   python3 -c "import triton; print('triton', triton.__version__)"
+  python3 -c "import importlib.metadata as m; print('pytest-benchmark', m.version('pytest-benchmark'))"
+  echo "commit ${PTL_FUSED_COMMIT:-unknown}"
 } > "$out/env.txt" 2>&1
 python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
   echo "gpu_check: torch sees no CUDA device (env.txt)"
@@ -49,6 +60,11 @@ boxed "$t_build" python3 -m pip install --no-build-isolation --no-deps -e . \
   exit 1
 }
 echo "build: done after $((SECONDS - start)) s"
+# Every backend must be there: one missing (the extension failed to load) would drop its rows.
+python3 -c "import ptl_fused; from ptl_fused import _extension as e; print('backends', ptl_fused.available_backends(), 'load error', e.LOAD_ERROR)" \
+  | tee -a "$out/env.txt"
+python3 -c "import ptl_fused, sys; sys.exit(not {'cuda', 'cuda_igemm', 'triton'} <= set(ptl_fused.available_backends()))" ||
+  echo "gpu_check: WARNING: a GPU backend is missing, its tests skip and its rows are absent (env.txt)"
 
 # The GPU tests (every cuda/triton/cuda_igemm parametrisation and tests/test_gpu.py; the rest
 # runs in CI), in parallel processes where pytest-xdist is installed. FULL=1: every test, in
@@ -63,20 +79,26 @@ PTL_FUSED_TRITON_AUTOTUNE=$tune boxed "$t_tests" python3 -m pytest tests "${sel[
 echo "tests: exit $? after $((SECONDS - start)) s ($(tail -1 "$out/tests.log"))"
 
 # The benchmark: the backends beside eager first, then the compile rows, merged.
-rm -f /tmp/ptl_bench_main.json /tmp/ptl_bench_compile.json  # a warm machine's last run
-set_=table compile_mode=default rounds=(--benchmark-max-time=0.25 --benchmark-min-rounds=10)
+main_json=$out/bench_main.json compile_json=$out/bench_compile.json
+rm -f "$main_json" "$compile_json"  # a warm machine's last run
+set_=table compile_mode=default rounds=(--benchmark-max-time=0.15 --benchmark-min-rounds=10)
 [[ $full == 1 ]] && set_=all compile_mode=max-autotune-no-cudagraphs rounds=()
 bench=(python3 -m pytest bench --bench-set "$set_" --bench-compile-mode "$compile_mode" "${rounds[@]}"
   --bench-layout "${LAYOUT:-nchw}" -q -p no:cacheprovider)
-boxed "$t_bench" "${bench[@]}" -k "not compile" --benchmark-json=/tmp/ptl_bench_main.json \
+margin=20  # for the merge and the report
+t_bench=$(box "$(at_least_1 $((($(left) - margin) * 6 / 10)))")
+boxed "$t_bench" "${bench[@]}" -k "not compile" --benchmark-json="$main_json" \
   > "$out/bench.log" 2>&1
 echo "bench: exit $? after $((SECONDS - start)) s ($(tail -1 "$out/bench.log"))"
-boxed "$t_compile" "${bench[@]}" -k compile --benchmark-json=/tmp/ptl_bench_compile.json \
+t_compile=$(box "$(at_least_1 $(($(left) - margin)))")
+boxed "$t_compile" "${bench[@]}" -k compile --benchmark-json="$compile_json" \
   >> "$out/bench.log" 2>&1
 echo "bench (compile rows): exit $? after $((SECONDS - start)) s ($(tail -1 "$out/bench.log"))"
+rm -f "${main_json%.json}".{md,png} "${compile_json%.json}".{md,png}  # the parts' own reports
 parts=()
-for f in /tmp/ptl_bench_main.json /tmp/ptl_bench_compile.json; do [[ -s $f ]] && parts+=("$f"); done
-if ((${#parts[@]})); then
-  (cd bench && python3 report.py --merge "$out/bench.json" "${parts[@]}") && sed -n '1,200p' "$out/bench.md"
+for f in "$main_json" "$compile_json"; do [[ -s $f ]] && parts+=("$f"); done
+if ((${#parts[@]})) && (cd bench && python3 report.py --merge "$out/bench.json" "${parts[@]}"); then
+  rm -f "$main_json" "$compile_json"  # in bench.json now; the device returns 8 files at most
+  sed -n '1,200p' "$out/bench.md"
 fi
 echo "gpu_check: done after $((SECONDS - start)) s"
