@@ -100,12 +100,22 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def copies(args: list, n: int) -> list[list]:
+    """`args` and n - 1 device copies of its tensors (leaves stay leaves), for input_copies."""
+
+    def copy(a):
+        return a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+
+    return [args] + [[copy(a) for a in args] for _ in range(n - 1)]
+
+
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
-    sets = [make_args(shape, v2, dtype) for _ in range(input_copies(shape.bytes(v2, dtype)))]
-    args = sets[0][0]
+    args, leaves = make_args(shape, v2, dtype)
+    positions = [next(i for i, a in enumerate(args) if a is leaf) for leaf in leaves]
+    sets = [(a, [a[i] for i in positions]) for a in copies(args, input_copies(shape.bytes(v2, dtype)))]
     fn = cell_fn(impl, v2)
     grad_y = torch.randn_like(fn(*args)[0])
 
@@ -175,11 +185,8 @@ def eval_args(impl: str, args: list, v2: bool) -> list:
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cell_eval(benchmark, shape, impl, v2, dtype, repeat):
-    sets = []
-    for _ in range(input_copies(shape.eval_bytes(dtype))):
-        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args(shape, v2, dtype)[0]]
-        sets.append(eval_args(impl, args, v2))
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args(shape, v2, dtype)[0]]
+    sets = copies(eval_args(impl, args, v2), input_copies(shape.eval_bytes(dtype)))
     fn = eval_fn(impl, v2)
 
     def forward():

@@ -34,12 +34,16 @@ def _worker(rank: int, world: int, port: int, out: str, sync: str, results, epoc
 
     cfg = digits_cfg(Path(out), f"optim.epochs={epochs}", "model.cell=v2", f"ddp.state_sync={sync}")
     res = run(cfg, resume=resume, build=build, verbose=False)
+    # Rank 0 writes the stage's files; no rank may return before they exist (the digits job's
+    # rank 1 read weights.pt at once and failed).
+    weights_written = (Path(res["stages"][0]["folder"]) / "weights.pt").is_file()
     model = built[0]
     c, h = model.cell.state
     results[rank] = {
         "params": {k: v.detach().clone() for k, v in model.named_parameters()},
         "state": (c.clone(), h.clone()),
         "history": res["stages"][0]["history"],
+        "weights_written": weights_written,
     }
     dist.destroy_process_group()
 
@@ -70,6 +74,7 @@ def test_two_gloo_ranks_state_sync_mean_and_none(tmp_path):
         # Rank 0 alone evaluates; every rank returns its metrics (rank 1 had none, and the
         # digits job's rank 1 failed on final["test_accuracy"]).
         assert "test_accuracy" in r[0]["history"][-1] and r[1]["history"] == r[0]["history"]
+        assert r[0]["weights_written"] and r[1]["weights_written"]
 
 
 def test_two_gloo_ranks_resume_exactly(tmp_path):

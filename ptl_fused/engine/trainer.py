@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, dump, num_stages, stage_config
 from .data import Task, build_task
-from .distributed import DistInfo, gather_objects, init_distributed, sync_cell_states
+from .distributed import DistInfo, barrier, gather_objects, init_distributed, sync_cell_states
 from .logs import EpochLog
 from .losses import ClassificationLoss, DistillationLoss
 
@@ -423,6 +423,7 @@ def train_stage(
         log.close(history, f"{task.name}: {ident['arch']} cell={ident['cell']}")
         # The trained weights alone, without optimizer or teacher (an STD student is a plain model).
         atomic_save(model.state_dict(), folder / "weights.pt")
+    barrier(info)  # every rank returns once the stage's files exist (the digits job reads weights.pt)
     return result
 
 
@@ -442,6 +443,7 @@ def train_epoch(
         leave=False,
         total=min(len(loader), max_batches) if max_batches else len(loader),
     )
+    scale = scaler.get_scale() if scaler.is_enabled() else 0.0
     for i, batch in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
@@ -452,9 +454,9 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
-        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
         scaler.update()  # lowers the scale where the step was skipped (inf/NaN gradients)
-        skipped = scaler.is_enabled() and scaler.get_scale() < scale
+        previous, scale = scale, scaler.get_scale() if scaler.is_enabled() else 0.0
+        skipped = scale < previous
         if sync:
             sync_cell_states(model, info.world)
         correct = (out.logits[0].argmax(1) == y).sum().item()
