@@ -46,6 +46,8 @@ def check_query_matches(data, name: str, root) -> None:
     """At least one query must have a true match in the gallery (an image of its identity by
     another camera, as the evaluation counts them), or every evaluation fails: raise before the
     training rather than after its first epoch."""
+    from ptl_fused.reid.evaluation import few
+
     gallery_cams: dict[int, set[int]] = {}
     for _, pid, cam in data.gallery:
         if pid != -1:  # junk: never a match
@@ -55,13 +57,9 @@ def check_query_matches(data, name: str, root) -> None:
         raise ValueError(
             f"{name} (data.root={root}): no image of the query split has a true match in the gallery "
             "split (an image of the same identity from another camera), so mAP and CMC are undefined; "
-            f"query identities {_few(q_ids)}, of which {len(set(q_ids) & gallery_cams.keys())} appear "
+            f"query identities {few(q_ids)}, of which {len(set(q_ids) & gallery_cams.keys())} appear "
             "in the gallery at all. Check that both splits come from the same dataset"
         )
-
-
-def _few(ids: list[int], n: int = 5) -> str:
-    return ", ".join(map(str, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
 
 
 READER_NAMES = {"dukemtmc": "dukemtmcreid"}  # config name -> ptl_fused.reid dataset name

@@ -24,6 +24,7 @@ w_i / 2^n, and Fuse_i projects to that width (MGN-PTL: fuse2 -> 128, bconv4 128 
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 from collections.abc import Sequence
@@ -148,10 +149,9 @@ class PTLBackbone(nn.Module):
             chains.append(make_cell_chain(cell, fused, widths[i], self.halvings[i], **cell_kw))
         self.cells, self.fuses = nn.ModuleList(chains), nn.ModuleList(fuses)
         self.final_fuse = conv1x1_bn_relu(widths[-1] + channels[-1], self.out_channels)
-        param = next((p for s in self.stages for p in s.parameters()), None)
-        if param is not None:  # where the backbone is, in its dtype (a float64 or CUDA backbone)
-            for m in (self.cells, self.fuses, self.final_fuse):
-                m.to(param.device, param.dtype)
+        device, dtype = _device_dtype(self.stages)  # where the backbone is, in its dtype
+        for m in (self.cells, self.fuses, self.final_fuse):
+            m.to(device, dtype)
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, Cin, H, W) -> (feature map (B, out_channels, H_K, W_K), x^K (B, C_K, H_K, W_K))."""
@@ -249,17 +249,33 @@ def resolve_stages(backbone: nn.Module, stages: Sequence[str | nn.Module] | str)
     return resolved
 
 
+def _device_dtype(modules: Sequence[nn.Module]) -> tuple:
+    """Where the first parameter of `modules` is, and its dtype (CPU float32 without one)."""
+    param = next((p for m in modules for p in m.parameters()), None)
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+
+
+@contextlib.contextmanager
+def _in_eval(modules: Sequence[nn.Module]):
+    """Every module of `modules` in eval mode inside, each back in its own mode after."""
+    modes = [(m, m.training) for top in modules for m in top.modules()]
+    try:
+        for top in modules:
+            top.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
 @torch.no_grad()
 def measure_stages(stages: Sequence[nn.Module], input_size: tuple[int, int], in_channels: int) -> list:
     """(C, H, W) of x^0..x^K for one dummy image (eval mode, no grad; modes restored after)."""
-    param = next((p for s in stages for p in s.parameters()), None)
-    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
-    modes = [(m, m.training) for s in stages for m in s.modules()]
+    device, dtype = _device_dtype(stages)
     x = torch.zeros(1, in_channels, *input_size, device=device, dtype=dtype)
     shapes = [tuple(x.shape[1:])]
-    try:
+    with _in_eval(stages):
         for i, stage in enumerate(stages, start=1):
-            stage.eval()
             try:
                 x = stage(x)
             except Exception as e:
@@ -274,9 +290,6 @@ def measure_stages(stages: Sequence[nn.Module], input_size: tuple[int, int], in_
                     f"stage {i} ({type(stage).__name__}) must return a (B, C, H, W) tensor, got {got}"
                 )
             shapes.append(tuple(x.shape[1:]))
-    finally:
-        for m, mode in modes:
-            m.train(mode)
     return shapes
 
 
@@ -298,8 +311,7 @@ def warn_if_not_a_chain(
     stages, so what the forward does between them (an input transform, a residual add, an
     in-place activation) would be silently dropped. A forward that cannot run on an image is
     not checked."""
-    param = next((p for s in stages for p in s.parameters()), None)
-    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
+    device, dtype = _device_dtype(stages)
     inputs: dict[int, Tensor] = {}
     outputs: dict[int, Tensor] = {}
 
@@ -315,19 +327,16 @@ def warn_if_not_a_chain(
             )
         for m in _ends(stage, first=False):
             handles.append(m.register_forward_hook(lambda m, a, out, i=i: record(outputs, i, out)))
-    modes = [(m, m.training) for m in backbone.modules()]
     gen = torch.Generator().manual_seed(0)  # the global random stream is left alone
     x = torch.randn(1, in_channels, *input_size, generator=gen).to(device, dtype)
     try:
-        backbone.eval()
-        backbone(x)
+        with _in_eval([backbone]):
+            backbone(x)
     except Exception:
         return
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.train(mode)
     problems = []
     for i in range(len(stages)):
         expected = x if i == 0 else outputs.get(i - 1)

@@ -31,6 +31,11 @@ JUNK_PID = -1
 PROTOCOLS = ("market", "cuhk03")
 
 
+def few(ids: list[int], n: int = 5) -> str:
+    """The first n of `ids` for a message, and how many there are in all when more."""
+    return ", ".join(map(str, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
 def _as_tensor(a, name: str, dims: int) -> torch.Tensor:
     t = torch.as_tensor(a)
     if t.dim() != dims:
@@ -66,8 +71,7 @@ class _RankAccumulator:
         nan_rows = torch.isnan(dist).any(dim=1)
         if nan_rows.any():  # NaN sorts last: a diverged model would still get a plausible mAP
             bad = (first_query + torch.nonzero(nan_rows).flatten().cpu()).tolist()
-            shown = ", ".join(map(str, bad[:5])) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
-            raise ValueError(f"NaN distances for query rows {shown}: the features are not finite")
+            raise ValueError(f"NaN distances for query rows {few(bad)}: the features are not finite")
         self.seen += dist.shape[0]
         order = torch.argsort(dist, dim=1, stable=True)
         pids, cams = self.g_pids[order], self.g_camids[order]
