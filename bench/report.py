@@ -45,6 +45,7 @@ def write_report(data: dict, json_path: str) -> None:
     info = data["machine_info"].get("ptl_fused", {})
     peaks = _peaks(info.get("device", ""))
     blocked = any(len(b["blocks"]) > 1 for b in rows)
+    calls = max((b["extra_info"].get("calls_per_round", 1) for b in rows), default=1)
     by_group: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in rows:
         by_group[b["group"]][b["extra_info"]["impl"]] = b
@@ -67,10 +68,9 @@ def write_report(data: dict, json_path: str) -> None:
         "rows); TFLOP/s from the gate (+recovery) conv FLOPs (x3 for fwd+bwd); saved = bytes "
         "autograd keeps for backward (unique storages)."
         + (
-            f" Cell rows on a GPU: a round is {max(b['extra_info'].get('calls_per_round', 1) for b in rows)} "
-            "calls back to back and one synchronize, over copies of the inputs that exceed twice "
-            "the L2 cache; times are per call."
-            if any(b["extra_info"].get("calls_per_round", 1) > 1 for b in rows)
+            f" Cell rows on a GPU: a round is {calls} calls back to back and one synchronize, over "
+            "copies of the inputs that exceed twice the L2 cache; times are per call."
+            if calls > 1
             else ""
         )
         + (

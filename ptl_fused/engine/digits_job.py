@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import set_key, validate
+from .distributed import is_main_process
 from .trainer import ModelFactory, build_model_from_config, run
 
 DESCRIPTIONS = {
@@ -142,7 +142,7 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
     finally:
         torch.set_num_threads(threads)
     summary = summarize(cfg, pretrain_runs, runs)
-    if _is_main_process():  # under torchrun every rank has the summary; one writes it
+    if is_main_process():  # under torchrun every rank has the summary; one writes it
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(summary, indent=2))
         plot_curves(summary, out / "curves.png")
@@ -151,15 +151,8 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
     return summary
 
 
-def _is_main_process() -> bool:
-    """Rank 0 under torchrun (its RANK, before the first run joins the process group), or alone."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _say(*args, **kwargs) -> None:
-    if _is_main_process():
+    if is_main_process():
         print(*args, **kwargs)
 
 

@@ -24,6 +24,13 @@ class DistInfo:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or of torchrun before it is joined (RANK), or alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group when started by torchrun (WORLD_SIZE > 1) or already joined."""
     if dist.is_available() and dist.is_initialized():
