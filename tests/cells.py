@@ -163,6 +163,14 @@ def to_channels_last(args):
     }
 
 
+def every_other(t: Tensor) -> Tensor:
+    """The same values as t, as an every-other-element view of its last dim into a buffer twice
+    as wide: not contiguous, and not readable as dense by a raw pointer."""
+    big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    big[..., ::2] = t
+    return big[..., ::2]
+
+
 def check_cell(backend, device, case, v2, dtype, master, layout=None):
     """Forward, every gradient and the carried state of `backend` against python_ref (float64
     oracle), within tolerances.py's bound; `layout` re-lays out the cast inputs."""
