@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -90,3 +91,46 @@ def test_two_gloo_ranks_resume_exactly(tmp_path):
         assert [h["test_accuracy"] for h in resumed[rank]["history"]] == [
             h["test_accuracy"] for h in straight[0]["history"]
         ]
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("gloo", "cpu"),
+        pytest.param(
+            "nccl",
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+            ],
+        ),
+    ],
+)
+def test_one_process_group_runs_every_collective_as_training_alone(tmp_path, monkeypatch, backend, device):
+    # A process group of one runs the DDP code (every collective) and trains as a run alone does.
+    # With NCCL (one GPU suffices) this is the check that every collective gets tensors it can
+    # reduce: the epoch totals were reduced on the CPU, which NCCL refuses.
+    def train(folder):
+        torch.manual_seed(0)
+        cfg = digits_cfg(tmp_path / folder, "model.cell=v2", "ddp.state_sync=mean", f"device={device}")
+        return run(cfg, build=lambda model_cfg, n: TinyNet(n, model_cfg["cell"]), verbose=False)
+
+    alone = train("alone")
+    calls = []
+    for name in ("all_reduce", "all_gather_object", "barrier"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(
+            dist, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1]
+        )
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        grouped = train("grouped")
+    finally:
+        dist.destroy_process_group()
+    assert {"all_reduce", "all_gather_object", "barrier"} <= set(calls), calls
+    a, g = alone["stages"][0]["history"], grouped["stages"][0]["history"]
+    assert [r.keys() for r in g] == [r.keys() for r in a]
+    for ra, rg in zip(a, g, strict=True):
+        for k in ("train_loss", "test_accuracy"):
+            assert rg[k] == pytest.approx(ra[k], rel=0 if device == "cpu" else 1e-4), k

@@ -18,6 +18,9 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # In a process group: the collectives run, also with one process (which is how a machine
+    # with one GPU runs the NCCL path).
+    joined: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -33,17 +36,23 @@ def is_main_process() -> bool:
 
 def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group when started by torchrun (WORLD_SIZE > 1) or already joined."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DistInfo()
-    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if not (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return DistInfo()
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 
 def cells(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (BConvCell, BConvCellV2))]
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t summed over the ranks, on t's device; reduced on `device`, the training device, as NCCL
+    reduces CUDA tensors only."""
+    on = t.to(device)
+    dist.all_reduce(on, op=dist.ReduceOp.SUM)
+    return on.to(t.device)
 
 
 def sync_cell_states(model: nn.Module, world: int) -> None:
@@ -59,7 +68,7 @@ def sync_cell_states(model: nn.Module, world: int) -> None:
 
 def gather_objects(obj, info: DistInfo) -> list:
     """[every rank's obj] in rank order, on every rank (a collective: all ranks must call it)."""
-    if info.world == 1:
+    if not info.joined:
         return [obj]
     out = [None] * info.world
     dist.all_gather_object(out, obj)
@@ -67,5 +76,5 @@ def gather_objects(obj, info: DistInfo) -> list:
 
 
 def barrier(info: DistInfo) -> None:
-    if info.world > 1:
+    if info.joined:
         dist.barrier()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -39,7 +38,14 @@ from .checkpoint import (
 )
 from .config import ConfigError, dump, num_stages, stage_config
 from .data import Task, build_task
-from .distributed import DistInfo, barrier, gather_objects, init_distributed, sync_cell_states
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    init_distributed,
+    sync_cell_states,
+)
 from .logs import EpochLog
 from .losses import ClassificationLoss, DistillationLoss
 
@@ -305,7 +311,7 @@ def train_stage(
             )
         history, start = list(ckpt["history"]), ckpt["epoch"]
     net = model
-    if info.world > 1:
+    if info.joined:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -328,7 +334,7 @@ def train_stage(
         # Last: building the loader etc. must not disturb it.
         restore_rng(rank_rng(saved, info.rank, info.world))
     epochs, every = o["epochs"], cfg["eval"]["every"]
-    sync = cfg["ddp"]["state_sync"] == "mean" and info.world > 1
+    sync = cfg["ddp"]["state_sync"] == "mean" and info.joined
 
     def evaluated_at(epoch: int) -> bool:  # 0-based epoch
         return (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == epochs
@@ -462,8 +468,8 @@ def train_epoch(
         correct = (out.logits[0].argmax(1) == y).sum().item()
         total += torch.tensor([loss.item() * len(y), correct, len(y), skipped], dtype=torch.float64)
         bar.set_postfix(loss=f"{total[0] / total[2]:.4f}", acc=f"{100 * total[1] / total[2]:.1f}%")
-    if info.world > 1:
-        dist.all_reduce(total)
+    if info.joined:
+        total = all_reduce_sum(total, device)
     n = max(total[2].item(), 1.0)
     row = {"train_loss": total[0].item() / n, "train_accuracy": 100.0 * total[1].item() / n}
     if scaler.is_enabled():  # a run whose fp16 steps keep overflowing says so
