@@ -133,6 +133,34 @@ def test_a_stage_float_written_1e_x_is_a_float():
     assert isinstance(stage_config(cfg, 0)["optim"]["lr"], float)
 
 
+SEQUENTIAL = "sequential_duke_market_msmt17_resnet50_ptl"  # its stages set their own data.root
+
+
+def test_a_stage_key_is_set_from_the_command_line():
+    from ptl_fused.engine.config import stage_config
+
+    cfg = load_config(SEQUENTIAL, ["stages.1.data.root=/data/market", "stages.2.optim.lr=0.5"])
+    assert stage_config(cfg, 1)["data"]["root"] == "/data/market"
+    assert stage_config(cfg, 0)["data"]["root"] == "data/DukeMTMC-reID"  # the others are kept
+    assert stage_config(cfg, 2)["optim"]["lr"] == 0.5 and stage_config(cfg, 1)["optim"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # The stages' own roots won over it, silently (the error then named the bundled root).
+        ("data.root=/mine", r"data.root is set by stage\(s\) \[0, 1, 2\].*stages.0.data.root="),
+        ("stages.3.data.root=/x", "this config has 3 stage"),
+        ("stages.0.model.arch=resnet18", "a stage may set data, optim"),
+        ("stages.first.data.root=/x", "stages.N.section.key"),
+        ("stages.0.data.rot=/x", r"^stages\[0\]: unknown key 'data.rot'"),
+    ],
+)
+def test_stage_overrides_that_cannot_take_effect_are_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SEQUENTIAL, [override])
+
+
 def test_every_bundled_config_loads():
     names = sorted(p.stem for p in config_dir().glob("*.yaml"))
     assert "digits" in names

@@ -191,7 +191,14 @@ def load_config(
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        set_key(cfg, key.strip(), yaml.safe_load(text), where="command line")
+        key = key.strip()
+        set_key(cfg, key, yaml.safe_load(text), where="command line")
+        shadowed = [] if key.startswith("stages") else _set_by_stages(cfg, key)
+        if shadowed:  # the stage's own value would win, silently
+            raise ConfigError(
+                f"command line: {key} is set by stage(s) {shadowed} of this config, whose values "
+                f"override the top level's; set it per stage: stages.{shadowed[0]}.{key}=..."
+            )
     validate(cfg)
     return cfg
 
@@ -211,12 +218,45 @@ def merge(cfg: dict, update: dict, where: str, prefix: str = "") -> None:
 
 
 def set_key(cfg: dict, dotted: str, value: Any, where: str) -> None:
-    """cfg[a][b] = value for dotted = "a.b" (the key must exist)."""
-    *parents, last = dotted.split(".")
+    """cfg[a][b] = value for dotted = "a.b" (the key must exist); "stages.N.section.key" sets
+    the key in stage N (0-based; validate checks it against the schema)."""
+    parts = dotted.split(".")
+    if parts[0] == "stages" and len(parts) > 1:
+        stages = cfg["stages"]
+        if len(parts) < 4 or not parts[1].isdigit():
+            raise ConfigError(f"{where}: {dotted!r}: a stage's key is stages.N.section.key")
+        if int(parts[1]) >= len(stages):
+            raise ConfigError(
+                f"{where}: {dotted!r}: this config has {len(stages)} stage(s)"
+                + (f", stages.0 to stages.{len(stages) - 1}" if stages else "")
+            )
+        if parts[2] not in STAGE_SECTIONS:
+            raise ConfigError(f"{where}: {dotted!r}: a stage may set {', '.join(STAGE_SECTIONS)}")
+        node = stages[int(parts[1])]
+        for part in parts[2:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: {dotted!r}: {part!r} is not a mapping")
+        node[parts[-1]] = copy.deepcopy(value)
+        return
     update: Any = value
-    for part in reversed([*parents, last]):
+    for part in reversed(parts):
         update = {part: update}
     merge(cfg, update, where)
+
+
+def _set_by_stages(cfg: dict, dotted: str) -> list[int]:
+    """The stages whose own sections set `dotted` (and so override the top level's value)."""
+    out = []
+    for i, stage in enumerate(cfg["stages"]):
+        node = stage
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            out.append(i)
+    return out
 
 
 def get(cfg: dict, dotted: str) -> Any:
@@ -251,7 +291,8 @@ def validate(cfg: dict) -> None:
         try:
             validate(stage_config(cfg, i))
         except ConfigError as e:
-            raise ConfigError(f"stages[{i}]: {e}") from None
+            where = f"stages[{i}]"
+            raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
 def stage_config(cfg: dict, index: int) -> dict:
