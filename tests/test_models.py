@@ -310,8 +310,15 @@ def test_pretrained_errors_name_the_file(tmp_path):
         PTLNet("resnet18", 3, pretrained=missing, input_size=(64, 32))
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x80\x02not a checkpoint at all")
-    with pytest.raises(ValueError, match="corrupt.pth"):
+    with pytest.raises(ValueError, match="corrupt.pth") as e:
         PTLNet("resnet18", 3, pretrained=corrupt, input_size=(64, 32))
+    # One line, without torch's advice to load the file with weights_only=False (which would
+    # run whatever code the file holds).
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    (tmp_path / "text.pth").write_text("garbage\n")
+    with pytest.raises(ValueError, match=r"text.pth.*not a torch file of tensors") as e:
+        PTLNet("resnet18", 3, pretrained=tmp_path / "text.pth", input_size=(64, 32))
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
     state = tvm.resnet18(weights=None).state_dict()
     wrong_keys = {("backbone." + k): v for k, v in state.items()}
     with pytest.raises(ValueError, match=r"keys.pth.*missing keys bn1.bias, .*conv1.weight") as e:

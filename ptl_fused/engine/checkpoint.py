@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ptl_fused._torch_load import why_unreadable
+
 from .config import num_stages, resume_differences, stage_config
 
 FORMAT = "ptl_fused.engine.checkpoint/1"
@@ -140,7 +142,7 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged zip/pickle
         raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated or corrupt file?): {_why(e)}"
+            f"checkpoint {path} cannot be read (truncated or corrupt file?): {why_unreadable(e)}"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
@@ -149,20 +151,6 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
     if expect is not None:
         check_identity(ckpt, path, expect)
     return ckpt
-
-
-def _why(e: Exception) -> str:
-    """torch.load's error, without its advice: retrying with weights_only=False would run
-    whatever code the file holds and cannot mend a damaged checkpoint (ours hold only tensors
-    and plain data), nor does the rest of the paragraph apply."""
-    text = str(e)
-    if "WeightsUnpickler error:" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
-        return f"not a torch file of tensors and plain data ({' '.join(detail.split())})"
-    first = text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else ""
-    if not first and isinstance(e, EOFError):
-        first = "the file ends early"
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def check_identity(ckpt: dict, path: str | Path, expect: dict) -> None:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ptl_fused._torch_load import why_unreadable
+
 # torchvision's published DenseNet files name "norm.1" what the model calls "norm1" (see
 # torchvision.models.densenet._load_state_dict); the same renaming lets those files load here.
 _OLD_DENSENET_KEY = re.compile(
@@ -31,7 +33,8 @@ def load_backbone_weights(model: nn.Module, stages: Sequence[nn.Module], path: s
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(
-            f"cannot read pretrained weights from {path!r} (expected a torch.save'd state dict): {e}"
+            f"cannot read pretrained weights from {path!r} (expected a torch.save'd state dict): "
+            f"{why_unreadable(e)}"
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path!r} is not a state dict (a mapping from parameter names to tensors)")
