@@ -72,6 +72,8 @@ def test_dukemtmc_has_eight_cameras(tmp_path):
     _market(tmp_path, ["0005_c8_f0001.jpg", "0006_c7_f0002.jpg"], ["0001_c1_f1.jpg"], ["0001_c2_f2.jpg"])
     ds = build_reid_dataset("DukeMTMC-reID", tmp_path, verbose=False)
     assert [c for _, _, c in ds.train] == [7, 6] and ds.num_cams == 8
+    # The configs' name for it (data.name=dukemtmc) reads the same dataset.
+    assert build_reid_dataset("dukemtmc", tmp_path, verbose=False).train == ds.train
     (tmp_path / "query" / "0001_c9_f3.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match=r"0001_c9_f3\.jpg has pid 1 / camera 9.*1 <= c <= 8"):
         build_reid_dataset("dukemtmcreid", tmp_path, verbose=False)

@@ -358,7 +358,14 @@ DATASETS: dict[str, Callable[..., ReIDDataset]] = {
 def build_reid_dataset(name: str, root: str | Path, verbose: bool = True, **kwargs) -> ReIDDataset:
     """Read dataset `name` (one of DATASETS) from the local folder `root`; print its summary."""
     key = name.lower().replace("-", "").replace("_", "")
-    aliases = {"market": "market1501", "duke": "dukemtmcreid", "msmt": "msmt17", "imagefolder": "folder"}
+    # "dukemtmc": the name the engine's configs use (data.name).
+    aliases = {
+        "market": "market1501",
+        "duke": "dukemtmcreid",
+        "dukemtmc": "dukemtmcreid",
+        "msmt": "msmt17",
+        "imagefolder": "folder",
+    }
     key = aliases.get(key, key)
     if key not in DATASETS:
         raise ValueError(f"unknown ReID dataset {name!r}; choose one of {sorted(DATASETS)}")
