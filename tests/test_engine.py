@@ -426,8 +426,12 @@ def test_failing_evaluation_loses_no_training_and_resume_evaluates_that_epoch(tm
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     header = (Path(cfg["out"]) / "log.csv").read_text().splitlines()[0].split(",")
     assert header == list(full["stages"][0]["history"][0]), "log.csv columns in the usual order"
-    # A finished run resumed evaluates nothing again (its last checkpoint is complete).
-    with monkeypatch.context() as m:
+    # A finished run resumed evaluates nothing again (its last checkpoint is complete), and
+    # says that nothing was trained (it was silent).
+    with (
+        monkeypatch.context() as m,
+        pytest.warns(UserWarning, match=r"the run is finished \(3 epochs\).*larger optim.epochs"),
+    ):
         evals = counting_evaluations(m)
         again = run(cfg, resume="auto", build=tiny_build, verbose=False)
     assert evals == [] and again["stages"][0]["history"] == resumed["stages"][0]["history"]
@@ -441,6 +445,14 @@ def trained(tmp_path):
     cfg = digits_cfg(tmp_path, "optim.epochs=1")
     run(cfg, build=tiny_build, verbose=False)
     return cfg, Path(cfg["out"]) / "last.pt"
+
+
+def test_resume_from_a_folder_says_which_file_to_give(trained):
+    cfg, path = trained
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(path.parent))} is a folder, not a checkpoint file.*last.pt"
+    ):
+        run(cfg, resume=str(path.parent), build=tiny_build, verbose=False)
 
 
 def test_resume_refuses_changed_training_settings_and_may_extend_epochs(trained, tmp_path):

@@ -136,6 +136,11 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
     """Read a checkpoint onto the CPU; a truncated/corrupt file, or one whose IDENTITY_KEYS
     differ from `expect`, raises CheckpointError naming the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a checkpoint file: give the file (a run's "
+            f"{path / 'last.pt'}), or --resume auto with out={path}"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -151,6 +151,16 @@ def run(
         )
     if ckpt is not None:  # before config.yaml: it must describe what runs
         check_resume(ckpt, ckpt_path, cfg)
+        epochs = stage_config(cfg, first)["optim"]["epochs"]
+        if first == num_stages(cfg) - 1 and ckpt["epoch"] >= epochs and not ckpt.get("pending_eval"):
+            if info.is_main:
+                warnings.warn(
+                    f"{ckpt_path}: the run is finished ({epochs} epochs"
+                    + (f" of its last stage, {first + 1}" if first else "")
+                    + "); nothing is trained. To train on, resume with a larger optim.epochs",
+                    UserWarning,
+                    stacklevel=2,
+                )
     # Every stage's data is read now, before anything is written or trained: a later stage's
     # missing or unusable dataset fails here, not after the earlier stages have trained for
     # hours. (The builders draw no random numbers: their seeds are the config's.)
