@@ -74,6 +74,8 @@ class _BConvCellBase(nn.Module):
 
     def state_shape(self, x: Tensor) -> tuple[int, int, int, int]:
         """(B, Cout, Ho, Wo) of the state and output for input x (B, Cin, H, W)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects x as a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects x of shape (B, {self.in_channels}, H, W), "
@@ -164,7 +166,8 @@ class _BConvCellBase(nn.Module):
 class BConvCell(_BConvCellBase):
     """Batch-related Convolutional Cell (PTL, DESIGN.md §1).
 
-    x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); .state is C_b (B, Cout, Ho, Wo), float32.
+    x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); .state is C_b (B, Cout, Ho, Wo), float32 (float64
+    for a float64 cell).
     Parameters: weight (4·Cout, Cin, k, k), gates ordered input, forget, output, cell;
     bias (4·Cout) or None.
     """

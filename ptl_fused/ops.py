@@ -75,6 +75,9 @@ def bconv_cell(
 ) -> tuple[Tensor, Tensor | None]:
     """BConv-Cell: returns (y (B, Cout, Ho, Wo) in the compute dtype, c_new (like c_prev)).
 
+    x (B, Cin, H, W); weight (4·Cout, Cin, k, k), gates ordered input, forget, output, cell;
+    bias (4·Cout) or None; c_prev (B, Cout, Ho, Wo), float32 for bf16/fp16 x (else x's dtype),
+    or None; Ho = (H + 2·padding − k) // stride + 1, Wo likewise.
     Gradients flow to x, weight, bias and c_prev. c_prev=None is inference from the zero
     state: returns (y, None) through the eval shortcut, or, when a gradient is needed,
     through the full cell from an explicit zero state (the shortcut has no backward).
@@ -105,6 +108,10 @@ def bconv_cell_v2(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """BConv-Cell-v2: returns (y, c_new, h_new), h_new = h_prev + h_alpha·(y − h_prev).
 
+    x (B, Cin, H, W); weight (4·Cout, 2·Cin, k, k) over [x, X̃], X̃ = conv_transpose2d(h_prev,
+    weight_rec) the recovery, weight_rec (Cout, Cin, k, k); bias (4·Cout), bias_rec (Cin) or
+    None; c_prev, h_prev (B, Cout, Ho, Wo) in the state dtype (as bconv_cell's c_prev), or both
+    None; y (B, Cout, Ho, Wo) in the compute dtype, c_new and h_new like c_prev.
     h_alpha is a float or a 0-dim tensor (a tensor keeps torch.compile from recompiling as
     it changes); it gets no gradient. Gradients flow to every other tensor input.
     c_prev=h_prev=None is inference from the zero state: returns (y, None, None), where the

@@ -304,6 +304,20 @@ def test_pretrained_densenet_file_with_torchvision_published_key_names(tmp_path)
     assert torch.equal(layer.conv2.weight, source.features.denseblock1.denselayer1.conv2.weight)
 
 
+def test_head_errors_name_the_head_and_the_fix():
+    net = _quiet(PTLNet, "resnet18", 3, input_size=(64, 32))
+    with pytest.raises(ValueError, match=r"ReIDHead: a training batch of 1 image.*drop_last=True"):
+        net.train()(torch.randn(1, 3, 64, 32))  # was torch's BatchNorm1d error, naming neither
+    assert net.eval()(torch.randn(1, 3, 64, 32)).feature.shape == (1, net.feature_dim)
+    for bad in (0, -1, 2.0):  # a classifier with no outputs was built without a word
+        with pytest.raises(ValueError, match=rf"num_classes must be an int >= 1, got {bad}"):
+            _quiet(PTLNet, "resnet18", bad, input_size=(64, 32))
+        with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+            net.reset_classifier(bad)
+        with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+            _quiet(MGN, bad)
+
+
 def test_pretrained_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):

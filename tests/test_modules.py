@@ -126,6 +126,10 @@ def test_state_mismatch_is_a_clear_error():
         cell(torch.randn(2, 5, 8, 8))
     cell.reset_state()
     assert cell(torch.randn(2, 3, 6, 6)).shape == (2, 4, 6, 6)
+    for mode in (cell.train, cell.eval):  # was AttributeError: 'numpy.ndarray' ... 'dim'
+        mode()
+        with pytest.raises(TypeError, match="BConvCell expects x as a torch.Tensor, got ndarray"):
+            cell(torch.randn(2, 3, 6, 6).numpy())
 
 
 def test_state_is_float32_under_bf16_and_to_keeps_it():

@@ -30,6 +30,7 @@ class ReIDHead(nn.Module):
 
     def __init__(self, in_channels: int, feat_dim: int, num_classes: int) -> None:
         super().__init__()
+        check_num_classes(num_classes)
         hidden = 2 * feat_dim
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.embed = nn.Sequential(
@@ -42,6 +43,11 @@ class ReIDHead(nn.Module):
         self.classifier = nn.Linear(feat_dim, num_classes)
 
     def forward(self, fmap: Tensor) -> ModelOutput:
+        if self.training and fmap.shape[0] == 1:  # BatchNorm1d's own error names neither
+            raise ValueError(
+                "ReIDHead: a training batch of 1 image; its BatchNorm1d layers need at least 2 per "
+                "batch (drop the last, short batch: DataLoader(drop_last=True), or a PKSampler)"
+            )
         feature = self.embed(self.pool(fmap))
         return ModelOutput(feature, (self.classifier(feature),), (feature,))
 
@@ -54,6 +60,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_channels: int, feat_dim: int, num_classes: int) -> None:
         super().__init__()
+        check_num_classes(num_classes)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.embed = nn.Sequential(nn.Linear(in_channels, feat_dim), nn.ReLU())
         self.classifier = nn.Linear(feat_dim, num_classes)
@@ -61,6 +68,11 @@ class ClassificationHead(nn.Module):
     def forward(self, fmap: Tensor) -> ModelOutput:
         feature = self.embed(self.pool(fmap))
         return ModelOutput(feature, (self.classifier(feature),), (feature,))
+
+
+def check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
 
 
 HEADS = {"reid": ReIDHead, "classification": ClassificationHead}

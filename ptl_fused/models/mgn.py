@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from .heads import ModelOutput
+from .heads import ModelOutput, check_num_classes
 from .pretrained import load_backbone_weights, warn_random_init
 from .ptl_net import set_first_block_stride
 from .ptl_wrap import CELL_TYPES, conv1x1_bn_relu, make_cell_chain, ptl_wrap
@@ -138,6 +138,7 @@ class MGN(nn.Module):
         )
 
     def _new_classifiers(self, feat_dim: int, num_classes: int) -> nn.ModuleList:
+        check_num_classes(num_classes)
         fcs = nn.ModuleList(nn.Linear(feat_dim, num_classes) for _ in range(8))
         for fc in fcs:
             nn.init.kaiming_normal_(fc.weight, mode=self.fc_init_mode)

@@ -9,7 +9,7 @@ from typing import Literal
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from .heads import HEADS, ModelOutput
+from .heads import HEADS, ModelOutput, check_num_classes
 from .pretrained import load_backbone_weights, warn_random_init
 from .ptl_wrap import PTLBackbone, ptl_wrap, resolve_stages
 
@@ -40,6 +40,7 @@ class PTLModel(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised classifier for num_classes (sequential transfer: the
         backbone, cells and the rest of the head are kept)."""
+        check_num_classes(num_classes)
         old = self.head.classifier
         self.head.classifier = nn.Linear(old.in_features, num_classes).to(old.weight.device, old.weight.dtype)
 

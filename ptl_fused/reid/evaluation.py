@@ -24,8 +24,12 @@ import warnings
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from .features import compute_distance
+
+# A matrix or vector given as a numpy array, a tensor (on any device) or a sequence.
+Array = ArrayLike | torch.Tensor
 
 JUNK_PID = -1
 PROTOCOLS = ("market", "cuhk03")
@@ -140,11 +144,11 @@ def _check_ids(num_q: int, num_g: int, q_pids, g_pids, q_camids, g_camids, what:
 
 
 def evaluate(
-    distmat,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
+    distmat: Array,
+    q_pids: Array,
+    g_pids: Array,
+    q_camids: Array,
+    g_camids: Array,
     max_rank: int = 50,
     chunk_size: int = 1024,
     *,
@@ -171,12 +175,12 @@ def evaluate(
 
 
 def evaluate_features(
-    qf,
-    gf,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
+    qf: Array,
+    gf: Array,
+    q_pids: Array,
+    g_pids: Array,
+    q_camids: Array,
+    g_camids: Array,
     metric: str = "euclidean",
     max_rank: int = 50,
     chunk: int = 1024,
