@@ -122,6 +122,22 @@ def test_reid_epoch_on_a_fake_market_folder(tmp_path, triplet):
     assert final["test_mAP"] == pytest.approx(m_ap, abs=1e-4) and final["test_rank1"] == pytest.approx(rank1)
 
 
+@pytest.mark.parametrize("protocol", ["market", "cuhk03"])
+def test_reid_evaluation_takes_the_configured_protocol_on_the_training_device(
+    tmp_path, monkeypatch, protocol
+):
+    # It was always the Market protocol, ranked on the CPU (where the features are returned).
+    import ptl_fused.reid as reid
+
+    root, calls, real = fake_market(tmp_path / "Market-1501"), [], reid.evaluate_features
+    monkeypatch.setattr(reid, "evaluate_features", lambda *a, **k: calls.append(k) or real(*a, **k))
+    overrides = [f"data.root={root}", f"out={tmp_path / 'out'}", "data.height=16", "data.width=8",
+                 "data.batch_size=8", "data.num_workers=0", "optim.epochs=1", "model.kwargs={in_channels: 3}",
+                 "train.progress=false", "train.tensorboard=false", f"eval.protocol={protocol}"]  # fmt: skip
+    run(load_config("market1501_resnet50_ptl", overrides), build=tiny_build, verbose=False)
+    assert [(k["protocol"], torch.device(k["device"])) for k in calls] == [(protocol, torch.device("cpu"))]
+
+
 @pytest.mark.parametrize(
     ("override", "p"), [([], 0.5), (["data.random_erasing=0.2"], 0.2), (["data.random_erasing=0"], None)]
 )

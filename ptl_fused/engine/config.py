@@ -73,7 +73,9 @@ DEFAULTS: dict[str, Any] = {
     # dataset, run in order; each stage gets a new classifier, backbone and cells are kept.
     "stages": [],
     "ddp": {"state_sync": "none"},  # none | mean: all-reduce the cells' states after each step
-    "eval": {"every": 1, "flip": False, "normalize": True},  # every: epochs between evals (0 = end)
+    # every: epochs between evals (0 = end); protocol (ReID): "market" ranks the whole gallery,
+    # "cuhk03" the single-gallery-shot draws (ptl_fused.reid.evaluate).
+    "eval": {"every": 1, "flip": False, "normalize": True, "protocol": "market"},
     "train": {"max_batches": None, "progress": True, "tensorboard": True},
     # Overrides applied by --quick (a smoke run); a YAML file may set its own.
     "quick": {"optim.epochs": 1, "train.max_batches": 2, "data.num_workers": 0},
@@ -96,6 +98,7 @@ CHOICES: dict[str, tuple] = {
     "model.cell": ("v1", "v2", None),
     "model.head": ("reid", "classification"),
     "ddp.state_sync": ("none", "mean"),
+    "eval.protocol": ("market", "cuhk03"),
 }
 # Integer settings and their smallest valid value (0 or a negative count has no meaning: a
 # division by zero, an empty run or an empty batch further on).

@@ -90,12 +90,16 @@ def reid_task(cfg: dict) -> Task:
     )
 
     def evaluate(model: nn.Module, device: torch.device, autocast) -> dict:
-        """mAP and CMC rank-1/5/10 (%) of the query against the gallery (Market-1501 protocol)."""
+        """mAP and CMC rank-1/5/10 (%) of the query against the gallery (eval.protocol), ranked
+        on the training device."""
         e = cfg["eval"]
         with autocast():  # extract_features puts the model in eval mode: no state carry
             qf, q_pids, q_cams = extract_features(model, query, device, e["flip"], e["normalize"])
             gf, g_pids, g_cams = extract_features(model, gallery, device, e["flip"], e["normalize"])
-        cmc, mean_ap = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=min(50, len(gf)))
+        cmc, mean_ap = evaluate_features(
+            qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=min(50, len(gf)), device=device,
+            protocol=e["protocol"],
+        )  # fmt: skip
         ranks = {f"rank{r}": 100.0 * float(cmc[r - 1]) for r in (1, 5, 10) if r <= len(cmc)}
         return {"mAP": 100.0 * mean_ap, **ranks}
 
