@@ -304,6 +304,25 @@ def test_pretrained_densenet_file_with_torchvision_published_key_names(tmp_path)
     assert torch.equal(layer.conv2.weight, source.features.denseblock1.denselayer1.conv2.weight)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+@pytest.mark.parametrize("cell", [None, "v1"])
+def test_backbone_state_dict_has_torchvision_keys(arch, cell):
+    net = _quiet(PTLNet, arch, 3, cell=cell, input_size=(64, 32))
+    with torch.no_grad():
+        for p in net.body.stages.parameters():
+            p.uniform_()  # not the initialisation a fresh torchvision model would also have
+    tv = tvm.get_model(arch, weights=None)
+    result = tv.load_state_dict(net.body.backbone_state_dict(), strict=False)
+    head = "fc" if arch.startswith("resnet") else "classifier"
+    assert sorted(result.missing_keys) == [f"{head}.bias", f"{head}.weight"] and not result.unexpected_keys
+    first = tv.conv1 if head == "fc" else tv.features.conv0  # the stem's convolution
+    assert torch.equal(first.weight, net.body.stages[0][0].weight)
+    if head == "fc":  # the last stage is layer4 itself
+        assert torch.equal(tv.layer4[-1].bn2.weight, net.body.stages[-1][-1].bn2.weight)
+    else:  # [denseblock4, norm5, ReLU]
+        assert torch.equal(tv.features.norm5.weight, net.body.stages[-1][1].weight)
+
+
 def test_head_errors_name_the_head_and_the_fix():
     net = _quiet(PTLNet, "resnet18", 3, input_size=(64, 32))
     with pytest.raises(ValueError, match=r"ReIDHead: a training batch of 1 image.*drop_last=True"):

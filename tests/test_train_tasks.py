@@ -122,6 +122,28 @@ def test_reid_epoch_on_a_fake_market_folder(tmp_path, triplet):
     assert final["test_mAP"] == pytest.approx(m_ap, abs=1e-4) and final["test_rank1"] == pytest.approx(rank1)
 
 
+def test_a_plain_network_run_saves_its_backbone_under_torchvision_names(tmp_path):
+    # A baseline or an STD student (model.cell=null) is a plain network: backbone.pt loads into
+    # the torchvision model itself (weights.pt has PTLNet's keys, body.stages.0.0.weight...).
+    from torchvision import models as tvm
+
+    root = fake_market(tmp_path / "Market-1501")
+    overrides = [f"data.root={root}", f"out={tmp_path / 'out'}", "data.height=32", "data.width=16",
+                 "data.batch_size=8", "data.num_workers=0", "optim.epochs=1", "train.max_batches=1",
+                 "model.arch=resnet18", "model.cell=null", "train.progress=false",
+                 "train.tensorboard=false"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # random init: no pretrained file
+        run(load_config("market1501_resnet50_baseline", overrides), verbose=False)
+    backbone = torch.load(tmp_path / "out" / "backbone.pt")
+    weights = torch.load(tmp_path / "out" / "weights.pt")
+    tv = tvm.resnet18(weights=None)
+    result = tv.load_state_dict(backbone, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    assert torch.equal(tv.conv1.weight, weights["body.stages.0.0.weight"])
+    assert torch.equal(tv.layer4[1].bn2.running_var, weights["body.stages.4.1.bn2.running_var"])
+
+
 @pytest.mark.parametrize("protocol", ["market", "cuhk03"])
 def test_reid_evaluation_takes_the_configured_protocol_on_the_training_device(
     tmp_path, monkeypatch, protocol

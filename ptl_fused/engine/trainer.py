@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from ptl_fused import reset_states
+from ptl_fused.models import PTLModel
 
 from .checkpoint import (
     CheckpointError,
@@ -439,6 +440,9 @@ def train_stage(
         log.close(history, f"{task.name}: {ident['arch']} cell={ident['cell']}")
         # The trained weights alone, without optimizer or teacher (an STD student is a plain model).
         atomic_save(model.state_dict(), folder / "weights.pt")
+        if isinstance(model, PTLModel) and model.body.cells is None:
+            # A plain network (baseline, STD student): its backbone under torchvision's names.
+            atomic_save(model.body.backbone_state_dict(), folder / "backbone.pt")
     barrier(info)  # every rank returns once the stage's files exist (the digits job reads weights.pt)
     return result
 

@@ -53,8 +53,8 @@ def load_backbone_weights(model: nn.Module, stages: Sequence[nn.Module], path: s
     missing, unknown = sorted(needed - state.keys()), sorted(state.keys() - own.keys())
     if missing or unknown:
         raise ValueError(
-            f"{path!r} does not match the {type(model).__name__} backbone: missing keys {_few(missing)}, "
-            f"unexpected keys {_few(unknown)} (expected a torchvision state dict of this architecture)"
+            f"{path!r} does not match the {type(model).__name__} backbone: missing keys {few_keys(missing)}, "
+            f"unexpected keys {few_keys(unknown)} (expected a torchvision state dict of this architecture)"
         )
     wrong = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -62,7 +62,7 @@ def load_backbone_weights(model: nn.Module, stages: Sequence[nn.Module], path: s
         if state[k].shape != own[k].shape
     ]
     if wrong:
-        raise ValueError(f"{path!r} has tensors of the wrong shape for this backbone: {_few(wrong)}")
+        raise ValueError(f"{path!r} has tensors of the wrong shape for this backbone: {few_keys(wrong)}")
     model.load_state_dict({k: state[k] for k in needed}, strict=False)
 
 
@@ -75,5 +75,5 @@ def warn_random_init(what: str) -> None:
     )
 
 
-def _few(keys: list[str], n: int = 5) -> str:
+def few_keys(keys: list[str], n: int = 5) -> str:
     return "[]" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from python_ref import conv_output_size
 
 from ..modules import BConvCell, BConvCellV2
+from .pretrained import few_keys
 from .stages import find_stages
 
 CELL_TYPES: dict[str, type[nn.Module]] = {"v1": BConvCell, "v2": BConvCellV2}
@@ -111,6 +112,11 @@ class PTLBackbone(nn.Module):
             raise ValueError(f"input_size must be (H, W) with H, W >= 1, got {input_size!r}")
         self.input_size, self.in_channels = tuple(input_size), in_channels
         self.stages = nn.ModuleList(resolve_stages(backbone, stages))
+        # Each stage tensor's name in the backbone (backbone_state_dict: torchvision's keys).
+        names = {id(t): n for n, t in backbone.state_dict(keep_vars=True).items()}
+        self._backbone_keys = {
+            k: names.get(id(t)) for k, t in self.stages.state_dict(prefix="stages.", keep_vars=True).items()
+        }
         self.stage_shapes = measure_stages(self.stages, input_size, in_channels)
         warn_if_not_a_chain(backbone, self.stages, input_size, in_channels)
         channels = [c for c, _, _ in self.stage_shapes]
@@ -165,6 +171,18 @@ class PTLBackbone(nn.Module):
             y = self.cells[i](self.fuses[i - 1](self._join(x, y, i)))
             x = self.stages[i](x)
         return self.final_fuse(self._join(x, y, len(self.stages), y_first=True)), x
+
+    def backbone_state_dict(self) -> dict[str, Tensor]:
+        """The stages' weights under the wrapped backbone's own names (for PTLNet: torchvision's
+        keys; its fc/classifier, which no stage holds, is left out), without the cells and
+        fusions: `backbone.load_state_dict(sd, strict=False)` reports only those heads missing."""
+        foreign = [k for k, name in self._backbone_keys.items() if name is None]
+        if foreign:
+            raise ValueError(
+                f"stage tensors that are not the backbone's own have no backbone name: {few_keys(foreign)}"
+            )
+        own = self.state_dict()
+        return {name: own[k] for k, name in self._backbone_keys.items()}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)[0]
