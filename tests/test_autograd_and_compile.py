@@ -87,6 +87,36 @@ def test_opcheck_backward_ops(v2):
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("save_gates", [True, False], ids=["training", "no-grad"])
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
+def test_opcheck_triton_ops(backend, device, v2, save_gates):
+    # The Triton backend's own custom ops (schema, fake kernel, autograd registration, the
+    # dispatch checks of torch.compile), as the C++ ops' above; on the CPU in the interpreter.
+    _, args = _op_samples(v2, device=device)
+    forward = (
+        torch.ops.ptl_fused.triton_bconv_cell_v2_fwd if v2 else torch.ops.ptl_fused.triton_bconv_cell_fwd
+    )
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    if not save_gates:  # the no-grad forward: nothing needs a gradient
+        torch.library.opcheck(forward, (*detached, False))
+        # A backward through it anyway (was a TypeError from inside the Triton launch).
+        with pytest.raises(RuntimeError, match="ran with save_gates=False, which keeps no gates"):
+            forward(*args, False)[0].sum().backward()
+        return
+    torch.library.opcheck(forward, (*args, True))
+    with torch.no_grad():
+        outs = forward(*detached, True)
+    n_states = 2 if v2 else 1
+    grads = [torch.randn_like(o) for o in outs[: 1 + n_states]]
+    c_prev, gates = detached[5 if v2 else 3], outs[1 + n_states]
+    h_alpha = detached[7] if v2 else None
+    grad_h = grads[2] if v2 else None
+    backward = torch.ops.ptl_fused.triton_bconv_cell_bwd
+    torch.library.opcheck(backward, (grads[0], grads[1], grad_h, c_prev, gates, h_alpha))
+    torch.library.opcheck(backward, (grads[0], None, None, c_prev, gates, h_alpha))  # y's grad alone
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_compile_fullgraph_forward_backward(backend, device, v2):
     torch._dynamo.reset()
