@@ -73,7 +73,10 @@ def test_ptlnet_shapes(arch, cell, head):
     torch.manual_seed(0)
     net = _quiet(PTLNet, arch, 7, cell=cell, head=head, feat_dim=32, input_size=(64, 32), backend="cpu")
     assert net.feature_dim == 32
-    assert bool(_cells(net)) == (cell is not None)
+    # 1 + 4 cell chains (DESIGN.md); the chain on the image is two stride-2 cells, as the authors'
+    # MGN bconv1 + bconv2, because both stems divide by 4: 6 cells in all.
+    assert len(_cells(net)) == (6 if cell is not None else 0)
+    assert [len(chain) for chain in net.body.cells or []] == ([2, 1, 1, 1, 1] if cell else [])
     for mode in (net.train, net.eval):
         mode()
         _check_output(net(torch.randn(2, 3, 64, 32)), 2, 32, 7)
