@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ptl_fused
+
 from cells import (
     CASES,
     CHANNELS_LAST_CASES,
@@ -170,3 +172,37 @@ def test_a_nan_on_ys_path_stays_out_of_a_state_only_gradient(backend, device, v2
             assert got is None or not got.isnan().any()
             continue
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_saturated_gates_give_the_hand_computed_cell(backend, device, v2):
+    # Known answers, independent of python_ref (every other test compares with it): zero
+    # weights and gate biases of +-30 (sigmoid 1 or 0 to 1e-13) pin the gate order input,
+    # forget, output, cell of DESIGN.md §1 and the update C = f*C_prev + i*g, y = o*tanh(C).
+    on, off, g_bias = 30.0, -30.0, 0.5
+    cases = {  # (i, f, o): (C, y) from C_prev
+        (on, off, on): lambda c: (torch.full_like(c, torch.tanh(torch.tensor(g_bias)).item()),) * 2,
+        (off, on, on): lambda c: (c, c),
+        (on, on, off): lambda c: (c + torch.tanh(torch.tensor(g_bias)).item(), None),
+    }
+    cin, cout, alpha = 2, 3, 0.25
+    x = torch.randn(2, cin, 4, 5, device=device)
+    c_prev = torch.randn(2, cout, 4, 5, device=device)
+    h_prev = torch.randn(2, cout, 4, 5, device=device)
+    for (i, f, o), expect in cases.items():
+        bias = torch.tensor([i] * cout + [f] * cout + [o] * cout + [g_bias] * cout, device=device)
+        weight = torch.zeros(4 * cout, 2 * cin if v2 else cin, 3, 3, device=device)
+        if v2:
+            w_rec, b_rec = torch.zeros(cout, cin, 3, 3, device=device), torch.zeros(cin, device=device)
+            y, c, h = ptl_fused.ops.bconv_cell_v2(
+                x, weight, bias, w_rec, b_rec, c_prev, h_prev, alpha, 1, 1, backend=backend
+            )
+        else:
+            y, c = ptl_fused.ops.bconv_cell(x, weight, bias, c_prev, 1, 1, backend=backend)
+        want_c, tanh_c = expect(c_prev)
+        want_y = torch.zeros_like(c) if tanh_c is None else torch.tanh(tanh_c)
+        torch.testing.assert_close(c, want_c, msg=f"C for (i, f, o) biases {(i, f, o)}")
+        torch.testing.assert_close(y, want_y, msg=f"y for (i, f, o) biases {(i, f, o)}")
+        if v2:
+            torch.testing.assert_close(h, h_prev + alpha * (want_y - h_prev), msg="H")

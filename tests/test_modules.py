@@ -42,6 +42,48 @@ def _states(s):
     return (s,) if isinstance(s, torch.Tensor) else tuple(s)
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_batch_changes_follow_the_row_rule_by_hand(backend, device, v2):
+    # Known answers for the state rule (the test above builds its expected states with
+    # python_ref.carry_state, the function the cells call): with i = f = o = 1 and g = tanh(x)
+    # (a 1x1 cell on one channel), C_b = C_{b-1} + tanh(x_b) row by row, so each row shows
+    # which earlier rows it met. Sample n meets row n; a smaller batch keeps rows [:B]; a
+    # larger one starts its extra rows from zeros.
+    cell = (BConvCellV2 if v2 else BConvCell)(1, 1, kernel_size=1, bias=True, backend=backend)
+    with torch.no_grad():
+        cell.weight.zero_()
+        cell.weight[3, 0] = 1.0  # the cell gate reads x; v2's recovered input gets weight 0
+        cell.bias.copy_(torch.tensor([30.0, 30.0, 30.0, 0.0]))  # i, f, o saturated at 1
+    cell.to(device=device, dtype=torch.float64)
+    batches = [torch.tensor(v, dtype=torch.float64, device=device).view(-1, 1, 1, 1) for v in
+               ([0.1, 0.2, 0.3], [0.4, 0.5], [0.6, 0.7, 0.8, 0.9])]  # fmt: skip
+    t = [torch.tanh(b.flatten()).tolist() for b in batches]
+    want_c = [
+        t[0],
+        [t[0][0] + t[1][0], t[0][1] + t[1][1]],  # rows [:2] of batch 1's state
+        [t[0][0] + t[1][0] + t[2][0], t[0][1] + t[1][1] + t[2][1], t[2][2], t[2][3]],  # + two fresh rows
+    ]
+    h = None
+    for n, (x, c) in enumerate(zip(batches, want_c, strict=True), start=1):
+        y = cell(x)
+        state = cell.state[0] if v2 else cell.state
+        torch.testing.assert_close(state.flatten().tolist(), c, rtol=0, atol=1e-12, msg=f"C after batch {n}")
+        torch.testing.assert_close(
+            y.flatten().tolist(),
+            torch.tanh(torch.tensor(c, dtype=torch.float64)).tolist(),
+            rtol=0,
+            atol=1e-12,
+        )
+        if v2:  # H: the running mean of the outputs, row by row, under the same rule
+            rows = y.flatten().tolist()
+            prev = ([] if h is None else h[: len(rows)]) + [0.0] * max(
+                0, len(rows) - (0 if h is None else len(h))
+            )
+            h = [p + (r - p) / n for p, r in zip(prev, rows, strict=True)]
+            torch.testing.assert_close(cell.state[1].flatten().tolist(), h, rtol=0, atol=1e-12, msg=f"H {n}")
+
+
 @pytest.mark.parametrize("momentum", [None, 0.3], ids=["running_mean", "ema"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend,device", backend_params())
