@@ -70,6 +70,20 @@ def test_eval_shortcut_matches_reference(backend, device, case, dtype, v2):
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_eval_shortcut_without_bias(backend, device, case, v2):
+    # bias=False is the modules' default (v2: no bias_rec either, so no gate map): each kernel's
+    # no-bias path (the tests above all pass biases).
+    master = make_inputs(case, v2, bias=False)
+    assert master["bias"] is None and (not v2 or master["bias_rec"] is None)
+    oracle = zero_state_reference(cast_inputs(master, torch.float64, "cpu", False), case, v2)
+    eager = zero_state_reference(cast_inputs(master, torch.float32, device, False), case, v2)
+    got = eval_shortcut(cast_inputs(master, torch.float32, device, False), case, v2, backend)
+    assert_matches_oracle(f"{case} eval y (no bias)", got, eager, oracle, torch.float32)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("case", WIDE_CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend,device", backend_params(device_types=("cuda",)))
@@ -205,12 +219,16 @@ def test_eval_sees_every_weight_update(backend, v2):
         torch.testing.assert_close(cell(x2), _module_reference(cell, x2))
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_eval_with_gradients_uses_the_full_cell(backend, v2):
-    # With grad mode on and trainable parameters, eval must still give exact gradients.
-    cell = _cell(v2, backend).eval()
-    ref = _cell(v2, "reference").eval()
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_eval_with_gradients_uses_the_full_cell(backend, v2, frozen):
+    # With grad mode on, eval must still give exact gradients: to trainable parameters, and to
+    # x alone with frozen ones (saliency maps, adversarial inputs: no test had that case).
+    if backend not in ptl_fused.available_backends():
+        pytest.skip(f"{backend} is not available here")
+    cell = _cell(v2, backend).eval().requires_grad_(not frozen)
+    ref = _cell(v2, "reference").eval().requires_grad_(not frozen)
     x = torch.randn(2, 3, 9, 7, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     cell(x).sin().sum().backward()
@@ -221,10 +239,12 @@ def test_eval_with_gradients_uses_the_full_cell(backend, v2):
     else:
         y = python_ref.bconv_cell(x_ref, ref.weight, ref.bias, c0, 2, 1)[0]
     y.sin().sum().backward()
+    assert x.grad is not None, "no gradient for x"
     torch.testing.assert_close(x.grad, x_ref.grad)
     for (name, p), p_ref in zip(cell.named_parameters(), ref.parameters(), strict=True):
-        assert p.grad is not None, f"no gradient for {name}"
-        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+        assert (p.grad is None) == frozen, f"gradient of {name}"
+        if not frozen:
+            torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
     assert cell.state is None, "eval must not carry a state"
 
 
