@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
@@ -21,6 +22,16 @@ OPS = ["bconv_cell_fwd", "bconv_cell_bwd", "bconv_cell_v2_fwd", "bconv_cell_v2_b
 def test_extension_is_built_and_loaded():
     assert _extension.LOAD_ERROR is None, _extension.LOAD_ERROR
     assert "cpu" in ptl_fused.available_backends()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_backend_is_available_where_triton_is():
+    # Every Triton test skips, with a reason, where the backend is unavailable: a broken import
+    # or interpreter would turn them all into green skips. Here (TRITON_INTERPRET=1 on the CPU,
+    # tests/conftest.py) or on a GPU it must be available.
+    from ptl_fused.backends import BACKENDS
+
+    assert "triton" in ptl_fused.available_backends(), BACKENDS["triton"].unavailable()
 
 
 @pytest.mark.parametrize("op", OPS)

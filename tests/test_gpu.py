@@ -8,6 +8,7 @@ cuda parametrisations; these are skipped, with the reason, where no GPU is prese
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -21,6 +22,17 @@ pytestmark = [
 ]
 
 GPU_BACKENDS = [b for b in ("cuda", "cuda_igemm", "triton", "reference") if b in available_backends()]
+
+
+def test_every_gpu_backend_is_available():
+    # GPU_BACKENDS (and every cuda parametrisation) leaves out what is unavailable, skipped with
+    # its reason: on a GPU machine a missing backend must fail here instead.
+    from ptl_fused import _extension
+    from ptl_fused.backends import BACKENDS
+
+    want = ["triton"] + ([] if os.environ.get("PTL_FUSED_WITH_CUDA") == "0" else ["cuda", "cuda_igemm"])
+    missing = {b: BACKENDS[b].unavailable() for b in want if b not in available_backends()}
+    assert not missing, f"{missing} (extension load error: {_extension.LOAD_ERROR})"
 
 
 def _model(v2: bool, backend: str) -> nn.Module:
