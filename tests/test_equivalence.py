@@ -241,3 +241,16 @@ def test_a_state_carried_over_many_low_precision_batches_stays_float32(backend, 
     assert err <= 0.5 * eager_err, (
         f"C after 40 {low} batches: error {err:.2e}, eager python_ref's {eager_err:.2e}"
     )
+
+
+# Combinations the CASES table lacks: k=5 with stride 2 and padding 1, k=1 with stride 2 and
+# batch > 1, stride 3.
+MORE_CASES = [Case(3, 2, 3, 11, 9, 5, 2, 1), Case(2, 3, 2, 10, 7, 1, 2, 0), Case(2, 2, 3, 10, 11, 3, 3, 1)]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", MORE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_more_shapes(backend, device, case, dtype, v2):
+    check_cell(backend, device, case, v2, dtype, make_inputs(case, v2))
