@@ -143,6 +143,9 @@ def test_a_stage_key_is_set_from_the_command_line():
     assert stage_config(cfg, 1)["data"]["root"] == "/data/market"
     assert stage_config(cfg, 0)["data"]["root"] == "data/DukeMTMC-reID"  # the others are kept
     assert stage_config(cfg, 2)["optim"]["lr"] == 0.5 and stage_config(cfg, 1)["optim"]["lr"] == 0.01
+    # stages= written on the command line too: the top level is the default of what they leave.
+    cfg = load_config(SEQUENTIAL, ["data.root=/top", "stages=[{data: {root: /a}}, {optim: {lr: 0.1}}]"])
+    assert [stage_config(cfg, i)["data"]["root"] for i in (0, 1)] == ["/a", "/top"]
 
 
 @pytest.mark.parametrize(

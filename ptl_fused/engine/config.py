@@ -194,10 +194,11 @@ def load_config(
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key = key.strip()
-        set_key(cfg, key, yaml.safe_load(text), where="command line")
-        shadowed = [] if key.startswith("stages") else _set_by_stages(cfg, key)
-        if shadowed:  # the stage's own value would win, silently
+        set_key(cfg, key.strip(), yaml.safe_load(text), where="command line")
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    for key in keys if "stages" not in keys else ():  # stages= written here: the user sees them
+        shadowed = [] if key.startswith("stages.") else _set_by_stages(cfg, key)
+        if shadowed:  # the config file's stages' own values would win, silently
             raise ConfigError(
                 f"command line: {key} is set by stage(s) {shadowed} of this config, whose values "
                 f"override the top level's; set it per stage: stages.{shadowed[0]}.{key}=..."

@@ -441,8 +441,14 @@ def train_stage(
         # The trained weights alone, without optimizer or teacher (an STD student is a plain model).
         atomic_save(model.state_dict(), folder / "weights.pt")
         if isinstance(model, PTLModel) and model.body.cells is None:
-            # A plain network (baseline, STD student): its backbone under torchvision's names.
-            atomic_save(model.body.backbone_state_dict(), folder / "backbone.pt")
+            # A plain network (baseline, STD student): its backbone under torchvision's names
+            # (not for a user's stages that are no one backbone's modules: they have no names).
+            try:
+                backbone = model.body.backbone_state_dict()
+            except ValueError:
+                backbone = None
+            if backbone is not None:
+                atomic_save(backbone, folder / "backbone.pt")
     barrier(info)  # every rank returns once the stage's files exist (the digits job reads weights.pt)
     return result
 
