@@ -143,6 +143,8 @@ def test_a_stage_key_is_set_from_the_command_line():
     assert stage_config(cfg, 1)["data"]["root"] == "/data/market"
     assert stage_config(cfg, 0)["data"]["root"] == "data/DukeMTMC-reID"  # the others are kept
     assert stage_config(cfg, 2)["optim"]["lr"] == 0.5 and stage_config(cfg, 1)["optim"]["lr"] == 0.01
+    # A section override whose keys no stage sets reaches every stage.
+    assert stage_config(load_config(SEQUENTIAL, ["data={batch_size: 16}"]), 2)["data"]["batch_size"] == 16
     # stages= written on the command line too: the top level is the default of what they leave.
     cfg = load_config(SEQUENTIAL, ["data.root=/top", "stages=[{data: {root: /a}}, {optim: {lr: 0.1}}]"])
     assert [stage_config(cfg, i)["data"]["root"] for i in (0, 1)] == ["/a", "/top"]
@@ -152,7 +154,8 @@ def test_a_stage_key_is_set_from_the_command_line():
     ("override", "message"),
     [
         # The stages' own roots won over it, silently (the error then named the bundled root).
-        ("data.root=/mine", r"data.root is set by stage\(s\) \[0, 1, 2\].*stages.0.data.root="),
+        ("data.root=/mine", r"data.root changes nothing: stage\(s\) \[0, 1, 2\].*stages.0.data.root="),
+        ("data={root: /mine, batch_size: 16}", r"data.root changes nothing"),  # a section's leaves
         ("stages.3.data.root=/x", "this config has 3 stage"),
         ("stages.0.model.arch=resnet18", "a stage may set data, optim"),
         ("stages.first.data.root=/x", "stages.N.section.key"),
@@ -162,6 +165,16 @@ def test_a_stage_key_is_set_from_the_command_line():
 def test_stage_overrides_that_cannot_take_effect_are_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SEQUENTIAL, [override])
+
+
+def test_an_override_some_stages_shadow_warns(tmp_path):
+    from ptl_fused.engine.config import stage_config
+
+    path = tmp_path / "two.yaml"
+    path.write_text("stages:\n  - {data: {classes: [0, 1]}}\n  - {optim: {epochs: 1}}\n")
+    with pytest.warns(UserWarning, match=r"data.classes applies to the other stages only: stage\(s\) \[0\]"):
+        cfg = load_config(path, ["data.classes=[3, 4]"])
+    assert [stage_config(cfg, i)["data"]["classes"] for i in (0, 1)] == [[0, 1], [3, 4]]
 
 
 def test_every_bundled_config_loads():

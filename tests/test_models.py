@@ -7,6 +7,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -331,6 +332,11 @@ def test_head_errors_name_the_head_and_the_fix():
     with pytest.raises(ValueError, match=r"ReIDHead: a training batch of 1 image.*drop_last=True"):
         net.train()(torch.randn(1, 3, 64, 32))  # was torch's BatchNorm1d error, naming neither
     assert net.eval()(torch.randn(1, 3, 64, 32)).feature.shape == (1, net.feature_dim)
+    # Allowed: the head's BatchNorm1d layers frozen (eval) in a training network, and FX tracing.
+    net.train().head.embed.eval()
+    assert net(torch.randn(1, 3, 64, 32)).feature.shape == (1, net.feature_dim)
+    torch.fx.symbolic_trace(_quiet(PTLNet, "resnet18", 3, cell=None, input_size=(64, 32)).train())
+    assert _quiet(PTLNet, "resnet18", np.int64(3), input_size=(64, 32)).head.classifier.out_features == 3
     for bad in (0, -1, 2.0):  # a classifier with no outputs was built without a word
         with pytest.raises(ValueError, match=rf"num_classes must be an int >= 1, got {bad}"):
             _quiet(PTLNet, "resnet18", bad, input_size=(64, 32))

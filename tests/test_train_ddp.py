@@ -113,24 +113,44 @@ def test_one_process_group_runs_every_collective_as_training_alone(tmp_path, mon
     # reduce: the epoch totals were reduced on the CPU, which NCCL refuses.
     def train(folder):
         torch.manual_seed(0)
-        cfg = digits_cfg(tmp_path / folder, "model.cell=v2", "ddp.state_sync=mean", f"device={device}")
+        cfg = digits_cfg(
+            tmp_path / folder,
+            "model.cell=v2",
+            "ddp.state_sync=mean",
+            f"device={device}",
+            "deterministic=true",
+        )
         return run(cfg, build=lambda model_cfg, n: TinyNet(n, model_cfg["cell"]), verbose=False)
 
-    alone = train("alone")
+    # deterministic=true (a flipped prediction would change the accuracy) is process-wide: the
+    # other tests in this process get the setting they had back.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        alone = train("alone")
+        grouped = _grouped(train, backend, tmp_path, monkeypatch)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    calls = grouped.pop("calls")
+    assert {"all_reduce", "all_gather_object", "barrier"} <= set(calls), calls
+    a, g = alone["stages"][0]["history"], grouped["stages"][0]["history"]
+    assert [r.keys() for r in g] == [r.keys() for r in a]
+    for ra, rg in zip(a, g, strict=True):
+        for k in ("train_loss", "test_accuracy"):
+            assert rg[k] == pytest.approx(ra[k], rel=0 if device == "cpu" else 1e-6), k
+
+
+def _grouped(train, backend: str, tmp_path, monkeypatch) -> dict:
+    """train("grouped") in a process group of one, counting the collectives it calls."""
     calls = []
     for name in ("all_reduce", "all_gather_object", "barrier"):
         real = getattr(dist, name)
         monkeypatch.setattr(
             dist, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1]
         )
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    # A file rendezvous: no port to collide with another test process's (pytest-xdist).
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        grouped = train("grouped")
+        return {**train("grouped"), "calls": calls}
     finally:
         dist.destroy_process_group()
-    assert {"all_reduce", "all_gather_object", "barrier"} <= set(calls), calls
-    a, g = alone["stages"][0]["history"], grouped["stages"][0]["history"]
-    assert [r.keys() for r in g] == [r.keys() for r in a]
-    for ra, rg in zip(a, g, strict=True):
-        for k in ("train_loss", "test_accuracy"):
-            assert rg[k] == pytest.approx(ra[k], rel=0 if device == "cpu" else 1e-4), k

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from ptl_fused import BConvCell, BConvCellV2
 from ptl_fused.engine import load_config
 from ptl_fused.engine.cli import main
 from ptl_fused.engine.digits_job import from_pretrained, load_pretrained_plain, run_digits_job
-from ptl_fused.engine.trainer import build_model_from_config
+from ptl_fused.engine.trainer import FinishedRunWarning, build_model_from_config
 from ptl_fused.models import build_model
 
 NEW_IN_PTL = ("body.cells.", "body.fuses.", "body.final_fuse.")
@@ -145,7 +146,9 @@ def test_main_job_cli_std_student_is_the_plain_digits_net(tmp_path, capsys):
     assert cell_keys and cell_keys <= teacher_sd.keys() and not cell_keys & student_sd.keys()
     # resume: a second run with --resume auto trains nothing more and gives the same numbers
     first = json.loads((out / "results.json").read_text())
-    assert main(["--quick", "--out", str(out), "--resume", "auto", "digits.methods=[ptl, std]"]) == 0
+    with warnings.catch_warnings():  # nor the finished sub-runs' "train on with more epochs" advice
+        warnings.simplefilter("error", FinishedRunWarning)
+        assert main(["--quick", "--out", str(out), "--resume", "auto", "digits.methods=[ptl, std]"]) == 0
     assert json.loads((out / "results.json").read_text()) == first
 
 

@@ -131,7 +131,7 @@ def test_a_plain_network_run_saves_its_backbone_under_torchvision_names(tmp_path
     overrides = [f"data.root={root}", f"out={tmp_path / 'out'}", "data.height=32", "data.width=16",
                  "data.batch_size=8", "data.num_workers=0", "optim.epochs=1", "train.max_batches=1",
                  "model.arch=resnet18", "model.cell=null", "train.progress=false",
-                 "train.tensorboard=false"]  # fmt: skip
+                 "train.tensorboard=false", "device=cpu"]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random init: no pretrained file
         run(load_config("market1501_resnet50_baseline", overrides), verbose=False)
@@ -148,14 +148,16 @@ def test_a_plain_network_run_saves_its_backbone_under_torchvision_names(tmp_path
 def test_reid_evaluation_takes_the_configured_protocol_on_the_training_device(
     tmp_path, monkeypatch, protocol
 ):
-    # It was always the Market protocol, ranked on the CPU (where the features are returned).
+    # It was always the Market protocol, ranked where the features are returned (the CPU). Here
+    # the training device is the CPU too: the device argument is what this checks.
     import ptl_fused.reid as reid
 
     root, calls, real = fake_market(tmp_path / "Market-1501"), [], reid.evaluate_features
     monkeypatch.setattr(reid, "evaluate_features", lambda *a, **k: calls.append(k) or real(*a, **k))
     overrides = [f"data.root={root}", f"out={tmp_path / 'out'}", "data.height=16", "data.width=8",
                  "data.batch_size=8", "data.num_workers=0", "optim.epochs=1", "model.kwargs={in_channels: 3}",
-                 "train.progress=false", "train.tensorboard=false", f"eval.protocol={protocol}"]  # fmt: skip
+                 "train.progress=false", "train.tensorboard=false", f"eval.protocol={protocol}",
+                 "device=cpu"]  # fmt: skip
     run(load_config("market1501_resnet50_ptl", overrides), build=tiny_build, verbose=False)
     assert [(k["protocol"], torch.device(k["device"])) for k in calls] == [(protocol, torch.device("cpu"))]
 

@@ -138,8 +138,8 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(
-            f"checkpoint {path} is a folder, not a checkpoint file: give the file (a run's "
-            f"{path / 'last.pt'}), or --resume auto with out={path}"
+            f"checkpoint {path} is a folder, not a checkpoint file: give the file itself (a run's "
+            f"last checkpoint is {path / 'last.pt'})"
         )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -190,19 +191,16 @@ def load_config(
         # Its own folder, so a smoke run never mixes with (or overwrites) the full run's files;
         # an out= override below still wins.
         cfg["out"] = f"{str(cfg['out']).rstrip('/')}_quick"
+    given = []  # (key, value) of each override
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        set_key(cfg, key.strip(), yaml.safe_load(text), where="command line")
-    keys = [item.partition("=")[0].strip() for item in overrides]
-    for key in keys if "stages" not in keys else ():  # stages= written here: the user sees them
-        shadowed = [] if key.startswith("stages.") else _set_by_stages(cfg, key)
-        if shadowed:  # the config file's stages' own values would win, silently
-            raise ConfigError(
-                f"command line: {key} is set by stage(s) {shadowed} of this config, whose values "
-                f"override the top level's; set it per stage: stages.{shadowed[0]}.{key}=..."
-            )
+        given.append((key.strip(), yaml.safe_load(text)))
+        set_key(cfg, *given[-1], where="command line")
+    if "stages" not in dict(given):  # stages= written on the command line: the user sees them
+        for key, value in given:
+            _check_not_shadowed(cfg, key, value)
     validate(cfg)
     return cfg
 
@@ -249,18 +247,42 @@ def set_key(cfg: dict, dotted: str, value: Any, where: str) -> None:
     merge(cfg, update, where)
 
 
-def _set_by_stages(cfg: dict, dotted: str) -> list[int]:
-    """The stages whose own sections set `dotted` (and so override the top level's value)."""
-    out = []
-    for i, stage in enumerate(cfg["stages"]):
-        node = stage
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
-            out.append(i)
-    return out
+def _check_not_shadowed(cfg: dict, key: str, value: Any) -> None:
+    """A command-line key (each leaf of a mapping value) that the config file's stages set
+    themselves, whose values win over the top level's: an error where every stage does (the
+    override changes nothing), a warning where some do."""
+    if key.startswith("stages.") or key.split(".")[0] not in STAGE_SECTIONS:
+        return
+    leaves = [f"{key}.{k}" for k in _leaves(value)] if isinstance(value, dict) and value else [key]
+    for leaf in leaves:
+        shadowed = [i for i, stage in enumerate(cfg["stages"]) if _has(stage, leaf)]
+        if not shadowed:
+            continue
+        where = f"stage(s) {shadowed} of this config set {leaf} themselves, and a stage's value wins"
+        if len(shadowed) == len(cfg["stages"]):
+            raise ConfigError(
+                f"command line: {leaf} changes nothing: {where}; set it per stage: "
+                f"stages.{shadowed[0]}.{leaf}=..."
+            )
+        warnings.warn(
+            f"command line: {leaf} applies to the other stages only: {where}", UserWarning, stacklevel=3
+        )
+
+
+def _leaves(d: dict, prefix: str = "") -> list[str]:
+    return [
+        leaf
+        for k, v in d.items()
+        for leaf in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"])
+    ]
+
+
+def _has(node: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def get(cfg: dict, dotted: str) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import set_key, validate
 from .distributed import is_main_process
-from .trainer import ModelFactory, build_model_from_config, run
+from .trainer import FinishedRunWarning, ModelFactory, build_model_from_config, run
 
 DESCRIPTIONS = {
     "baseline": "pre-trained plain CNN, fine-tuned",
@@ -160,22 +161,26 @@ def _run_all(
     cfg: dict, methods: list[str], runs: dict, pretrain_runs: list, resume: str | None, build: ModelFactory
 ) -> None:
     d = cfg["digits"]
-    for seed in d["seeds"]:
-        _say(f"-- seed {seed}: pre-train the plain CNN on digits {d['pretrain_classes']}", flush=True)
-        pre = run(pretrain_config(cfg, seed), resume, build, verbose=False)
-        pretrain_runs.append(pre)
-        acc = pre["stages"][0]["final"]["test_accuracy"]
-        _say(f"   held-out accuracy on the pre-training digits: {acc:.1f}%", flush=True)
-        start = from_pretrained(build, Path(pre["out"]) / "weights.pt")
-        for method in methods:
-            teacher = None
-            if method == "std":
-                teacher = str(Path(runs["ptl"][-1]["out"]) / "last.pt")
-            _say(f"-- seed {seed}: {method} ({DESCRIPTIONS[method]})", flush=True)
-            result = run(method_config(cfg, method, seed, teacher), resume, start, verbose=False)
-            runs[method].append(result)
-            acc = result["stages"][0]["final"]["test_accuracy"]
-            _say(f"   held-out accuracy on the transfer digits: {acc:.1f}%", flush=True)
+    # A resumed job finds its finished sub-runs: their "train on with a larger optim.epochs" does
+    # not apply (the job sets its own epochs).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FinishedRunWarning)
+        for seed in d["seeds"]:
+            _say(f"-- seed {seed}: pre-train the plain CNN on digits {d['pretrain_classes']}", flush=True)
+            pre = run(pretrain_config(cfg, seed), resume, build, verbose=False)
+            pretrain_runs.append(pre)
+            acc = pre["stages"][0]["final"]["test_accuracy"]
+            _say(f"   held-out accuracy on the pre-training digits: {acc:.1f}%", flush=True)
+            start = from_pretrained(build, Path(pre["out"]) / "weights.pt")
+            for method in methods:
+                teacher = None
+                if method == "std":
+                    teacher = str(Path(runs["ptl"][-1]["out"]) / "last.pt")
+                _say(f"-- seed {seed}: {method} ({DESCRIPTIONS[method]})", flush=True)
+                result = run(method_config(cfg, method, seed, teacher), resume, start, verbose=False)
+                runs[method].append(result)
+                acc = result["stages"][0]["final"]["test_accuracy"]
+                _say(f"   held-out accuracy on the transfer digits: {acc:.1f}%", flush=True)
 
 
 def summarize(cfg: dict, pretrain_runs: list[dict], runs: dict[str, list[dict]]) -> dict:

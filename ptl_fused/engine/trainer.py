@@ -79,6 +79,10 @@ def build_for_checkpoint(build: ModelFactory, model_cfg: dict, num_classes: int)
         return build({**model_cfg, "pretrained": None}, num_classes)
 
 
+class FinishedRunWarning(UserWarning):
+    """A resumed run had already finished: nothing was trained."""
+
+
 def identity(cfg: dict, num_classes: int) -> dict:
     """What a checkpoint must match to be loaded into this run's model."""
     m = cfg["model"]
@@ -154,12 +158,14 @@ def run(
         check_resume(ckpt, ckpt_path, cfg)
         epochs = stage_config(cfg, first)["optim"]["epochs"]
         if first == num_stages(cfg) - 1 and ckpt["epoch"] >= epochs and not ckpt.get("pending_eval"):
+            own = bool(cfg["stages"]) and "epochs" in cfg["stages"][first].get("optim", {})
             if info.is_main:
                 warnings.warn(
                     f"{ckpt_path}: the run is finished ({epochs} epochs"
                     + (f" of its last stage, {first + 1}" if first else "")
-                    + "); nothing is trained. To train on, resume with a larger optim.epochs",
-                    UserWarning,
+                    + "); nothing is trained. To train on, resume with a larger "
+                    + (f"stages.{first}.optim.epochs" if own else "optim.epochs"),
+                    FinishedRunWarning,
                     stacklevel=2,
                 )
     # Every stage's data is read now, before anything is written or trained: a later stage's

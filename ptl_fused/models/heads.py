@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
+import torch
+import torch.fx
 from torch import Tensor, nn
 
 
@@ -43,7 +46,7 @@ class ReIDHead(nn.Module):
         self.classifier = nn.Linear(feat_dim, num_classes)
 
     def forward(self, fmap: Tensor) -> ModelOutput:
-        if self.training and fmap.shape[0] == 1:  # BatchNorm1d's own error names neither
+        if _normalises_the_batch(self.embed, fmap) and fmap.shape[0] == 1:  # BN1d's error names neither
             raise ValueError(
                 "ReIDHead: a training batch of 1 image; its BatchNorm1d layers need at least 2 per "
                 "batch (drop the last, short batch: DataLoader(drop_last=True), or a PKSampler)"
@@ -70,8 +73,21 @@ class ClassificationHead(nn.Module):
         return ModelOutput(feature, (self.classifier(feature),), (feature,))
 
 
+def _normalises_the_batch(layers: nn.Module, x: Tensor) -> bool:
+    """A BatchNorm1d among `layers` takes the statistics of x's batch (training mode; not while
+    FX traces x, whose batch size is no number)."""
+    if isinstance(x, torch.fx.Proxy):
+        return False
+    return any(isinstance(m, nn.BatchNorm1d) and m.training for m in layers.modules())
+
+
 def check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    """num_classes >= 1, given as any integer (a Python int, numpy or 0-dim torch integer)."""
+    try:
+        n = operator.index(num_classes)
+    except TypeError:
+        n = None
+    if isinstance(num_classes, bool) or n is None or n < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
 
 
