@@ -197,12 +197,13 @@ def _cuda_targets(by_group: dict[str, dict[str, dict]]) -> list[str]:
         e = next(iter(impls.values()))["extra_info"]
         fastest = min(gpu, key=gpu.get)
         wins[(e["pass_"], fastest)] += 1
-        target, verdict = CUDA_TARGETS.get(e["pass_"]), ""
-        if "cuda" in gpu and target is not None and e["dtype"] == "bfloat16":
-            verdict = _verdict(impls["eager"]["min"] / gpu["cuda"] >= target)
-        speedup = f"{impls['eager']['min'] / gpu['cuda']:.2f}" if "cuda" in gpu else ""
-        tgt = f">= {target}" if target is not None and e["dtype"] == "bfloat16" else ""
-        out.append(f"| {group} | {e['dtype']} | {speedup} | {tgt} | {verdict} | {fastest} |")
+        target = CUDA_TARGETS.get(e["pass_"]) if e["dtype"] == "bfloat16" else None
+        speedup = impls["eager"]["min"] / gpu["cuda"] if "cuda" in gpu else None
+        out.append(
+            f"| {group} | {e['dtype']} | {'' if speedup is None else f'{speedup:.2f}'} | "
+            f"{'' if target is None else f'>= {target}'} | "
+            f"{'' if None in (speedup, target) else _verdict(speedup >= target)} | {fastest} |"
+        )
     if not out:
         return []
     tally = ", ".join(f"{p} {b}: {n}" for (p, b), n in sorted(wins.items()))

@@ -154,10 +154,7 @@ def test_reid_evaluation_takes_the_configured_protocol_on_the_training_device(
 
     root, calls, real = fake_market(tmp_path / "Market-1501"), [], reid.evaluate_features
     monkeypatch.setattr(reid, "evaluate_features", lambda *a, **k: calls.append(k) or real(*a, **k))
-    overrides = [f"data.root={root}", f"out={tmp_path / 'out'}", "data.height=16", "data.width=8",
-                 "data.batch_size=8", "data.num_workers=0", "optim.epochs=1", "model.kwargs={in_channels: 3}",
-                 "train.progress=false", "train.tensorboard=false", f"eval.protocol={protocol}",
-                 "device=cpu"]  # fmt: skip
+    overrides = [*reid_overrides(root, tmp_path / "out"), f"eval.protocol={protocol}", "device=cpu"]
     run(load_config("market1501_resnet50_ptl", overrides), build=tiny_build, verbose=False)
     assert [(k["protocol"], torch.device(k["device"])) for k in calls] == [(protocol, torch.device("cpu"))]
 

@@ -255,7 +255,7 @@ def _check_not_shadowed(cfg: dict, key: str, value: Any) -> None:
         return
     leaves = [f"{key}.{k}" for k in _leaves(value)] if isinstance(value, dict) and value else [key]
     for leaf in leaves:
-        shadowed = [i for i, stage in enumerate(cfg["stages"]) if _has(stage, leaf)]
+        shadowed = [i for i, stage in enumerate(cfg["stages"]) if has_key(stage, leaf)]
         if not shadowed:
             continue
         where = f"stage(s) {shadowed} of this config set {leaf} themselves, and a stage's value wins"
@@ -277,11 +277,12 @@ def _leaves(d: dict, prefix: str = "") -> list[str]:
     ]
 
 
-def _has(node: Any, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
+def has_key(cfg: dict, dotted: str) -> bool:
+    """Whether get(cfg, dotted) finds a value (a stage's sections hold only the keys it sets)."""
+    try:
+        get(cfg, dotted)
+    except (KeyError, TypeError):  # a missing key, or a value where a mapping was looked for
+        return False
     return True
 
 

@@ -37,7 +37,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .config import ConfigError, dump, num_stages, stage_config
+from .config import ConfigError, dump, has_key, num_stages, stage_config
 from .data import Task, build_task
 from .distributed import (
     DistInfo,
@@ -158,7 +158,7 @@ def run(
         check_resume(ckpt, ckpt_path, cfg)
         epochs = stage_config(cfg, first)["optim"]["epochs"]
         if first == num_stages(cfg) - 1 and ckpt["epoch"] >= epochs and not ckpt.get("pending_eval"):
-            own = bool(cfg["stages"]) and "epochs" in cfg["stages"][first].get("optim", {})
+            own = bool(cfg["stages"]) and has_key(cfg["stages"][first], "optim.epochs")
             if info.is_main:
                 warnings.warn(
                     f"{ckpt_path}: the run is finished ({epochs} epochs"
@@ -452,8 +452,8 @@ def train_stage(
             try:
                 backbone = model.body.backbone_state_dict()
             except ValueError:
-                backbone = None
-            if backbone is not None:
+                pass
+            else:
                 atomic_save(backbone, folder / "backbone.pt")
     barrier(info)  # every rank returns once the stage's files exist (the digits job reads weights.pt)
     return result

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+
+from .ptl_wrap import positive_int
 
 
 class ModelOutput(NamedTuple):
@@ -83,11 +84,7 @@ def _normalises_the_batch(layers: nn.Module, x: Tensor) -> bool:
 
 def check_num_classes(num_classes: int) -> None:
     """num_classes >= 1, given as any integer (a Python int, numpy or 0-dim torch integer)."""
-    try:
-        n = operator.index(num_classes)
-    except TypeError:
-        n = None
-    if isinstance(num_classes, bool) or n is None or n < 1:
+    if positive_int(num_classes) is None:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
 
 

@@ -131,7 +131,7 @@ class PTLBackbone(nn.Module):
             self.out_channels, self.cell_channels, self.halvings = channels[-1], [], []
             return
         widths = list(cell_channels) if cell_channels is not None else default_cell_channels(channels[1:])
-        widths = [_positive_int(w) for w in widths]
+        widths = [positive_int(w) for w in widths]
         if len(widths) != k or None in widths:
             raise ValueError(
                 f"cell_channels must be {k} positive ints (one per stage), got {cell_channels!r}"
@@ -141,7 +141,7 @@ class PTLBackbone(nn.Module):
             for i in range(k)
         ]
         self.cell_channels = widths
-        self.out_channels = channels[-1] if out_channels is None else _positive_int(out_channels)
+        self.out_channels = channels[-1] if out_channels is None else positive_int(out_channels)
         if self.out_channels is None:
             raise ValueError(
                 f"out_channels must be a positive int or None (the last stage's), got {out_channels!r}"
@@ -155,7 +155,7 @@ class PTLBackbone(nn.Module):
             chains.append(make_cell_chain(cell, fused, widths[i], self.halvings[i], **cell_kw))
         self.cells, self.fuses = nn.ModuleList(chains), nn.ModuleList(fuses)
         self.final_fuse = conv1x1_bn_relu(widths[-1] + channels[-1], self.out_channels)
-        device, dtype = _device_dtype(self.stages)  # where the backbone is, in its dtype
+        device, dtype = param_device_dtype(self.stages)  # where the backbone is, in its dtype
         for m in (self.cells, self.fuses, self.final_fuse):
             m.to(device, dtype)
 
@@ -181,7 +181,7 @@ class PTLBackbone(nn.Module):
             raise ValueError(
                 f"stage tensors that are not the backbone's own have no backbone name: {few_keys(foreign)}"
             )
-        own = self.state_dict()
+        own = self.stages.state_dict(prefix="stages.")
         return {name: own[k] for k, name in self._backbone_keys.items()}
 
     def forward(self, x: Tensor) -> Tensor:
@@ -236,7 +236,7 @@ def ptl_wrap(
     )
 
 
-def _positive_int(n) -> int | None:
+def positive_int(n) -> int | None:
     """A channel count as an int (numpy ints too; not bools); None if it is not one."""
     try:
         value = None if isinstance(n, bool) else operator.index(n)
@@ -267,9 +267,10 @@ def resolve_stages(backbone: nn.Module, stages: Sequence[str | nn.Module] | str)
     return resolved
 
 
-def _device_dtype(modules: Sequence[nn.Module]) -> tuple:
-    """Where the first parameter of `modules` is, and its dtype (CPU float32 without one)."""
-    param = next((p for m in modules for p in m.parameters()), None)
+def param_device_dtype(modules: Sequence[nn.Module]) -> tuple:
+    """Where the first floating-point parameter of `modules` is, and its dtype (CPU float32
+    without one): the device and dtype of an input for them."""
+    param = next((p for m in modules for p in m.parameters() if p.is_floating_point()), None)
     return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
 
 
@@ -289,7 +290,7 @@ def _in_eval(modules: Sequence[nn.Module]):
 @torch.no_grad()
 def measure_stages(stages: Sequence[nn.Module], input_size: tuple[int, int], in_channels: int) -> list:
     """(C, H, W) of x^0..x^K for one dummy image (eval mode, no grad; modes restored after)."""
-    device, dtype = _device_dtype(stages)
+    device, dtype = param_device_dtype(stages)
     x = torch.zeros(1, in_channels, *input_size, device=device, dtype=dtype)
     shapes = [tuple(x.shape[1:])]
     with _in_eval(stages):
@@ -329,7 +330,7 @@ def warn_if_not_a_chain(
     stages, so what the forward does between them (an input transform, a residual add, an
     in-place activation) would be silently dropped. A forward that cannot run on an image is
     not checked."""
-    device, dtype = _device_dtype(stages)
+    device, dtype = param_device_dtype(stages)
     inputs: dict[int, Tensor] = {}
     outputs: dict[int, Tensor] = {}
 

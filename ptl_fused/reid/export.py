@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ptl_fused.models.ptl_wrap import param_device_dtype
+
 
 class _FeatureOnly(nn.Module):
     def __init__(self, model: nn.Module) -> None:
@@ -56,8 +58,7 @@ def export_onnx(
         raise FileNotFoundError(f"folder for the ONNX file does not exist: {path.parent}")
     modes = [(m, m.training) for m in model.modules()]  # a frozen BN stays in eval
     model.eval()
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
+    device, dtype = param_device_dtype([model])
     example = torch.randn(2, 3, height, width, device=device, dtype=dtype)
     try:
         kwargs = {"opset_version": opset} if opset is not None else {}
