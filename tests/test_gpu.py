@@ -163,6 +163,37 @@ def test_v2_op_with_a_float_h_alpha_captures_in_a_cuda_graph(backend):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _triton_compiles() -> int:
+    """Kernels Triton has compiled so far for the backend's three JIT functions."""
+    from ptl_fused.triton import backward, forward, recovery
+
+    kernels = (forward.bconv_cell_fwd_kernel, recovery.recovery_kernel, backward.bconv_cell_bwd_kernel)
+    jits = [getattr(k, "fn", k) for k in kernels]  # the autotuner's function, or the kernel
+    return sum(len(entry[0]) for fn in jits for entry in fn.device_caches.values())
+
+
+@pytest.mark.skipif("triton" not in available_backends(), reason="the triton backend is unavailable")
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_triton_compiles_once_over_batch_sizes(v2):
+    # The compile-side twin of tests/test_triton_compile.py's launcher check: an epoch's odd
+    # last batch, a batch of 1 and a 16-divisible one run the kernels compiled for the first.
+    cell = (BConvCellV2 if v2 else BConvCell)(8, 8, padding=1, backend="triton").cuda()
+
+    def step(batch):
+        cell.reset_state()
+        cell(torch.randn(batch, 8, 9, 7, device="cuda", requires_grad=True)).sum().backward()
+        cell.train(False)
+        with torch.no_grad():
+            cell(torch.randn(batch, 8, 9, 7, device="cuda"))
+        cell.train(True)
+
+    step(5)
+    compiled = _triton_compiles()
+    for batch in (1, 16, 17, 32):
+        step(batch)
+    assert _triton_compiles() == compiled
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_engine_trains_with_amp_on_the_gpu(tmp_path, amp):
     # The trainer's GPU path: autocast (GradScaler for fp16) with the cells' float32 state.

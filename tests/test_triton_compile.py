@@ -107,3 +107,28 @@ def test_autotune_switch(setting, expected):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) == expected
+
+
+def test_batch_size_changes_do_not_recompile():
+    # Triton's launcher compiles again for an int argument equal to 1 or newly 16-divisible:
+    # before the batch-derived arguments were unspecialised, batches 1, 16 and 17 (a last
+    # batch) each compiled (and autotuned) every forward kernel anew.
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests/triton_aot.py"), "--batch-specialisations"],
+        env=_gpu_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert {r["kernel"] for r in rows} == {
+        "bconv_cell_fwd_kernel",
+        "recovery_kernel",
+        "bconv_cell_bwd_kernel",
+    }
+    assert any(r["variant"].endswith("bwd v1 5 channels") for r in rows)
+    recompiled = [r for r in rows if r["compiles"] != 1]
+    assert not recompiled, recompiled[:3]

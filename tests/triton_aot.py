@@ -11,6 +11,7 @@ sizes 1 and 5 under the first one. The compiler is this machine's Triton: CI's 3
 GPU machine's 3.6 in a check by hand (torch 2.11 venv), both passing.
 
     python tests/triton_aot.py [--arch 90] [--jobs N]      (TRITON_INTERPRET must be unset)
+    python tests/triton_aot.py --batch-specialisations    (compiles nothing: recompiles per batch size)
 
 Prints one JSON line per compile ({"kernel", "variant", "config", "configs", "shared", "mma",
 "reads", "error", "seconds"}) and exits 1 if any failed. Run by tests/test_triton_compile.py.
@@ -46,7 +47,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 MAX_SHARED = 227 * 1024  # the most shared memory a Hopper block may use
 
 
-def record_launches() -> list[tuple[str, object, tuple, dict]]:
+def record_launches(batch: int = 2) -> list[tuple[str, object, tuple, dict]]:
     """(variant, kernel, args, kwargs) of every launch the ops make over the variant matrix."""
     launches: list[tuple[str, object, tuple, dict]] = []
     variant = [""]
@@ -58,8 +59,9 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((variant[0], self.kernel, args, kwargs))
 
-    for name in KERNELS:
-        setattr(tops, name, Recorder(getattr(tops, name)))
+    kernels = {name: getattr(tops, name) for name in KERNELS}
+    for name, kernel in kernels.items():
+        setattr(tops, name, Recorder(kernel))
 
     def run(label, dtype, k=3, channels_last=False, cin=16):
         g = torch.Generator().manual_seed(0)
@@ -69,10 +71,10 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
             return torch.randn(*shape, generator=g).to(dt).contiguous(memory_format=fmt)
 
         sdt = torch.float64 if dtype == torch.float64 else torch.float32
-        pad = k // 2  # "same" output: every state is (2, 16, 9, 9)
-        x, w, b = t(2, cin, 9, 9), t(64, cin, k, k), torch.randn(64, generator=g).to(dtype)
+        pad = k // 2  # "same" output: every state is (batch, 16, 9, 9)
+        x, w, b = t(batch, cin, 9, 9), t(64, cin, k, k), torch.randn(64, generator=g).to(dtype)
         w2, wr, br = t(64, 2 * cin, k, k), t(16, cin, k, k), torch.randn(16, generator=g).to(dtype)
-        c, h = t(2, 16, 9, 9, dt=sdt), t(2, 16, 9, 9, dt=sdt)
+        c, h = t(batch, 16, 9, 9, dt=sdt), t(batch, 16, 9, 9, dt=sdt)
         alpha = torch.tensor(0.5)
         w3, gate_map = t(48, cin, k, k), torch.randn(48, 9, 9, generator=g).to(dtype)
         calls = {
@@ -83,21 +85,28 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
             "eval v1": lambda: tops.bconv_cell_eval_op(x, w3, b[:48], None, 1, pad),
             "eval v2": lambda: tops.bconv_cell_eval_op(x, w3, None, gate_map, 1, pad),
         }
-        gates, gy = t(2, 64, 9, 9), t(2, 16, 9, 9)  # gy: the gradient of y (dtype), dC/dH (fp32)
+        gates, gy = t(batch, 64, 9, 9), t(batch, 16, 9, 9)  # gy: the gradient of y (dtype), dC/dH (fp32)
         for name, grads in {"bwd v1": (gy, c, None), "bwd v1 dy": (gy, None, None)}.items():
             calls[name] = lambda grads=grads: tops.bconv_cell_bwd(*grads, c, gates, None)
         for name, grads in {"bwd v2": (gy, c, h), "bwd v2 dc": (None, c, None)}.items():
             calls[name] = lambda grads=grads: tops.bconv_cell_bwd(*grads, c, gates, alpha)
+        # 5 channels: N = batch·5·81 elements, whose 16-divisibility follows the batch size
+        gates5, c5 = t(batch, 20, 9, 9), t(batch, 5, 9, 9, dt=sdt)
+        calls["bwd v1 5 channels"] = lambda: tops.bconv_cell_bwd(c5.to(dtype), c5, None, c5, gates5, None)
         for name, call in calls.items():
             variant[0] = f"{label} {name}"
             call()
 
-    for dtype in DTYPES:
-        run(str(dtype).removeprefix("torch."), dtype)
-    # 64 channels: the tap-major K order (ops._launch_fwd)
-    run("bfloat16 channels_last", torch.bfloat16, channels_last=True, cin=64)
-    run("bfloat16 k1 channels_last", torch.bfloat16, k=1, channels_last=True, cin=64)
-    run("bfloat16 k5", torch.bfloat16, k=5)
+    try:
+        for dtype in DTYPES:
+            run(str(dtype).removeprefix("torch."), dtype)
+        # 64 channels: the tap-major K order (ops._launch_fwd)
+        run("bfloat16 channels_last", torch.bfloat16, channels_last=True, cin=64)
+        run("bfloat16 k1 channels_last", torch.bfloat16, k=1, channels_last=True, cin=64)
+        run("bfloat16 k5", torch.bfloat16, k=5)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(tops, name, kernel)
     return launches
 
 
@@ -130,6 +139,19 @@ def signature(kernel, args: tuple, kwargs: dict, config) -> tuple[dict, dict, di
         elif isinstance(spec, str) and spec:
             attrs[(i,)] = CUDABackend.parse_attr(spec)
     return sig, consts, attrs, options
+
+
+def batch_specialisations(batches=(1, 2, 3, 16, 17, 32)) -> dict[tuple[str, str], int]:
+    """(kernel, variant) -> how many compiles the launcher would make over these batch sizes,
+    under the first config: 1 unless a batch-derived int argument is specialised (== 1, or
+    16-divisible), which would recompile as the batch size changes (e.g. an epoch's last batch)."""
+    keys: dict[tuple[str, str], set] = {}
+    for batch in batches:
+        for variant, kernel, args, kwargs in record_launches(batch):
+            config = getattr(kernel, "configs", [None])[0]
+            key = repr(signature(kernel, args, kwargs, config)[:3])
+            keys.setdefault((jit_function(kernel).__name__, variant), set()).add(key)
+    return {name: len(k) for name, k in keys.items()}
 
 
 def distinct_compiles(launches) -> list[tuple]:
@@ -191,7 +213,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--batch-specialisations",
+        action="store_true",
+        help="compile nothing; print how many compiles each launch needs over batch sizes 1-32",
+    )
     a = parser.parse_args()
+    if a.batch_specialisations:
+        for (kernel, variant), n in batch_specialisations().items():
+            print(json.dumps({"kernel": kernel, "variant": variant, "compiles": n}))
+        return 0
     ARCH[0] = a.arch
     COMPILES.extend(distinct_compiles(record_launches()))
     failed = 0

@@ -14,7 +14,7 @@ import triton.language as tl
 from .forward import _tanh
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N = B·Cout·Ho·Wo: no recompile per batch size (forward.py)
 def bconv_cell_bwd_kernel(
     gates_ptr,
     cp_ptr,

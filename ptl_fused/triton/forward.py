@@ -152,7 +152,9 @@ def _accumulate(
 @triton.autotune(
     configs=_configs(), key=["Cin", "Cout", "Ho", "Wo", "KS", "V2", "SAVE_GATES", "EVAL", "TAP_MAJOR"]
 )
-@triton.jit
+# B unspecialised: Triton would compile again for a batch of 1 or a 16-divisible one (an
+# epoch's last batch); it only bounds the pixel mask, where its divisibility buys nothing.
+@triton.jit(do_not_specialize=["B"])
 def bconv_cell_fwd_kernel(
     x_ptr,
     xr_ptr,

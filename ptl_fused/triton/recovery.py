@@ -16,7 +16,7 @@ from .forward import _configs
 
 
 @triton.autotune(configs=_configs(), key=["Cout", "Cin", "H", "W", "KS"])
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # no recompile per batch size (forward.py)
 def recovery_kernel(
     h_ptr,
     w_ptr,
