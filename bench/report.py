@@ -119,6 +119,7 @@ def write_report(data: dict, json_path: str) -> None:
             lines.append("| " + " | ".join(cols) + " |")
     lines += _eval_vs_training(rows)
     lines += _fused_gemm(by_group)
+    lines += _recompute(by_group)
     lines += _cuda_targets(by_group)
     lines += _network(net_rows)
     out = Path(json_path)
@@ -181,6 +182,38 @@ def _fused_gemm(by_group: dict[str, dict[str, dict]]) -> list[str]:
         "",
         f"| group | cuda_igemm ms | cuda / cuda_igemm | triton / cuda_igemm | <= {IGEMM_VS_TRITON}x triton |",
         "|---|---|---|---|---|",
+        *out,
+    ]
+
+
+# The Triton issue's memory target: bytes saved for backward at most this share of eager's.
+SAVED_VS_EAGER = 0.6
+
+
+def _recompute(by_group: dict[str, dict[str, dict]]) -> list[str]:
+    """Each backend's recomputing row against its saving row and eager python_ref: the bytes
+    saved for backward (with the SAVED_VS_EAGER target) and the time it costs."""
+    out = []
+    for group, impls in by_group.items():
+        eager = impls.get("eager")
+        for impl, b in impls.items():
+            if not impl.endswith("+recompute") or eager is None:
+                continue
+            saving = impls.get(impl.removesuffix("+recompute"))
+            share = b["extra_info"]["saved_bytes"] / max(eager["extra_info"]["saved_bytes"], 1)
+            time = f"{b['min'] / saving['min']:.2f}" if saving else ""
+            out.append(
+                f"| {group} | {b['extra_info']['dtype']} | {impl} | {share:.2f} | "
+                f"{_verdict(share <= SAVED_VS_EAGER)} | {time} | {eager['min'] / b['min']:.2f} |"
+            )
+    if not out:
+        return []
+    return [
+        "",
+        "## Recomputing the gates in backward (recompute=True): memory kept and time",
+        "",
+        f"| group | dtype | impl | saved / eager's | <= {SAVED_VS_EAGER} | time / saving row's | x eager |",
+        "|---|---|---|---|---|---|---|",
         *out,
     ]
 

@@ -10,6 +10,7 @@ import functools
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import python_ref
 from ptl_fused import available_backends, ops
@@ -28,6 +29,10 @@ BACKEND_IMPLS = [
     and not (b == "triton" and DEVICE.type == "cpu")
 ]
 IMPLS = ["eager", "compile", *BACKEND_IMPLS]
+# Backward from recomputed gates (fwd+bwd only: a forward without grad keeps nothing either
+# way), beside what a PyTorch user would write for that: torch.utils.checkpoint of python_ref.
+RECOMPUTE = "+recompute"
+RECOMPUTE_IMPLS = ["eager+checkpoint", *(b + RECOMPUTE for b in BACKEND_IMPLS)]
 torch._dynamo.config.cache_size_limit = 64
 
 # On a GPU a call of these cells takes 8-64 us of device time against ~25 us of host time, so
@@ -75,8 +80,11 @@ def cell_fn(impl: str, v2: bool):
         return ref
     if impl == "compile":  # static shapes: each table shape gets its own graph, as in training
         return torch.compile(ref, mode=compile_mode(), dynamic=False)
+    if impl == "eager+checkpoint":
+        return functools.partial(torch.utils.checkpoint.checkpoint, ref, use_reentrant=False)
     op = ops.bconv_cell_v2 if v2 else ops.bconv_cell
-    return functools.partial(op, backend=impl)
+    backend = impl.removesuffix(RECOMPUTE)
+    return functools.partial(op, backend=backend, recompute=backend != impl)
 
 
 def saved_bytes(run) -> int:
@@ -113,6 +121,16 @@ def copies(args: list, n: int) -> list[list]:
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
+    bench_cell(benchmark, shape, impl, v2, pass_, dtype, repeat)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("impl", RECOMPUTE_IMPLS)
+def test_cell_recompute(benchmark, shape, impl, v2, dtype, repeat):
+    bench_cell(benchmark, shape, impl, v2, "fwd+bwd", dtype, repeat)
+
+
+def bench_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
     args, leaves = make_args(shape, v2, dtype)
     positions = [next(i for i, a in enumerate(args) if a is leaf) for leaf in leaves]
     sets = [(a, [a[i] for i in positions]) for a in copies(args, input_copies(shape.bytes(v2, dtype)))]

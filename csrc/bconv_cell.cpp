@@ -126,24 +126,30 @@ FwdEpilogueArgs run_fwd(FwdEpilogue epilogue, FusedFwd fused, bool fused_gemm, c
 // A bias for GemmArgs: the fused kernel indexes it densely (bias[q * Cout + n]).
 Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? t->contiguous() : Tensor(); }
 
+// The gates output: (0,) when the caller keeps none (backward recomputes them, or there is no
+// backward), so autograd never holds the (B, 4·Cout, Ho, Wo) buffer.
+Tensor gates_out(const Tensor& gates, bool save_gates) {
+  return save_gates ? gates : at::empty({0}, gates.options());
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, FusedFwd fused,
                                                   const Tensor& x, const Tensor& weight,
                                                   const OptTensor& bias, const Tensor& c_prev,
-                                                  int64_t stride, int64_t padding,
-                                                  bool fused_gemm) {
+                                                  int64_t stride, int64_t padding, bool fused_gemm,
+                                                  bool save_gates) {
   check_cell_inputs(x, weight, bias, c_prev, 1, stride, padding);
   const GemmArgs g{x, Tensor(), weight, defined_or_empty(bias), stride, padding};
   const auto a = run_fwd(epilogue, fused, fused_gemm, g, c_prev, {}, {});
-  return {a.y, a.c_new, a.z};
+  return {a.y, a.c_new, gates_out(a.z, save_gates)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
     FwdEpilogue epilogue, FusedFwd fused, const Tensor& x, const Tensor& weight,
     const OptTensor& bias, const Tensor& weight_rec, const OptTensor& bias_rec,
     const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha, int64_t stride,
-    int64_t padding, bool fused_gemm) {
+    int64_t padding, bool fused_gemm, bool save_gates) {
   check_cell_inputs(x, weight, bias, c_prev, 2, stride, padding);
   const auto k = weight.size(3);
   TORCH_CHECK(weight_rec.dim() == 4 && weight_rec.size(0) == weight.size(0) / 4 &&
@@ -160,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
                      .contiguous(fmt);
   const GemmArgs g{x, x_rec, weight, defined_or_empty(bias), stride, padding};
   const auto a = run_fwd(epilogue, fused, fused_gemm, g, c_prev, h_prev, alpha_on(h_alpha, c_prev));
-  return {a.y, a.c_new, a.h_new, a.z, x_rec};
+  return {a.y, a.c_new, a.h_new, gates_out(a.z, save_gates), x_rec};
 }
 
 Tensor bconv_cell_eval(EvalEpilogue epilogue, FusedEval fused, const Tensor& x,
@@ -277,24 +283,25 @@ struct Autocast {
 
   static std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& x, const Tensor& w,
                                                 const OptTensor& b, const Tensor& c_prev,
-                                                int64_t stride, int64_t padding, bool fused_gemm) {
+                                                int64_t stride, int64_t padding, bool fused_gemm,
+                                                bool save_gates) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("ptl_fused::bconv_cell_fwd", "")
                          .typed<decltype(fwd)>();
-    return op.call(cast(x), cast(w), cast(b), c_prev, stride, padding, fused_gemm);
+    return op.call(cast(x), cast(w), cast(b), c_prev, stride, padding, fused_gemm, save_gates);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> v2_fwd(
       const Tensor& x, const Tensor& w, const OptTensor& b, const Tensor& w_rec,
       const OptTensor& b_rec, const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
-      int64_t stride, int64_t padding, bool fused_gemm) {
+      int64_t stride, int64_t padding, bool fused_gemm, bool save_gates) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("ptl_fused::bconv_cell_v2_fwd", "")
                          .typed<decltype(v2_fwd)>();
     return op.call(cast(x), cast(w), cast(b), cast(w_rec), cast(b_rec), c_prev, h_prev, h_alpha,
-                   stride, padding, fused_gemm);
+                   stride, padding, fused_gemm, save_gates);
   }
 
   static Tensor eval(const Tensor& x, const Tensor& w3, const OptTensor& b3,
@@ -312,14 +319,15 @@ struct Autocast {
 TORCH_LIBRARY(ptl_fused, m) {
   m.def(
       "bconv_cell_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor c_prev, int stride, "
-      "int padding, bool fused_gemm=False) -> (Tensor y, Tensor c_new, Tensor gates)");
+      "int padding, bool fused_gemm=False, bool save_gates=True) -> "
+      "(Tensor y, Tensor c_new, Tensor gates)");
   m.def(
       "bconv_cell_bwd(Tensor? grad_y, Tensor? grad_c_new, Tensor c_prev, Tensor gates) -> "
       "(Tensor grad_z, Tensor grad_c_prev)");
   m.def(
       "bconv_cell_v2_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor weight_rec, "
       "Tensor? bias_rec, Tensor c_prev, Tensor h_prev, Tensor h_alpha, int stride, "
-      "int padding, bool fused_gemm=False) -> "
+      "int padding, bool fused_gemm=False, bool save_gates=True) -> "
       "(Tensor y, Tensor c_new, Tensor h_new, Tensor gates, Tensor x_rec)");
   m.def(
       "bconv_cell_v2_bwd(Tensor? grad_y, Tensor? grad_c_new, Tensor? grad_h_new, "

@@ -67,7 +67,8 @@ using OptTensor = std::optional<Tensor>;
 std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, FusedFwd fused,
                                                   const Tensor& x, const Tensor& weight,
                                                   const OptTensor& bias, const Tensor& c_prev,
-                                                  int64_t stride, int64_t padding, bool fused_gemm);
+                                                  int64_t stride, int64_t padding, bool fused_gemm,
+                                                  bool save_gates);
 
 std::tuple<Tensor, Tensor> bconv_cell_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
                                           const OptTensor& grad_c_new, const Tensor& c_prev,
@@ -77,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
     FwdEpilogue epilogue, FusedFwd fused, const Tensor& x, const Tensor& weight,
     const OptTensor& bias, const Tensor& weight_rec, const OptTensor& bias_rec,
     const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha, int64_t stride,
-    int64_t padding, bool fused_gemm);
+    int64_t padding, bool fused_gemm, bool save_gates);
 
 std::tuple<Tensor, Tensor, Tensor> bconv_cell_v2_bwd(BwdEpilogue epilogue, const OptTensor& grad_y,
                                                      const OptTensor& grad_c_new,
@@ -96,8 +97,9 @@ template <FwdEpilogue FE, BwdEpilogue BE, EvalEpilogue EE, FusedFwd FF = nullptr
 struct Kernels {
   static std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& x, const Tensor& w,
                                                 const OptTensor& b, const Tensor& c_prev,
-                                                int64_t stride, int64_t padding, bool fused_gemm) {
-    return bconv_cell_fwd(FE, FF, x, w, b, c_prev, stride, padding, fused_gemm);
+                                                int64_t stride, int64_t padding, bool fused_gemm,
+                                                bool save_gates) {
+    return bconv_cell_fwd(FE, FF, x, w, b, c_prev, stride, padding, fused_gemm, save_gates);
   }
   static std::tuple<Tensor, Tensor> bwd(const OptTensor& gy, const OptTensor& gc,
                                         const Tensor& c_prev, const Tensor& gates) {
@@ -106,9 +108,9 @@ struct Kernels {
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> v2_fwd(
       const Tensor& x, const Tensor& w, const OptTensor& b, const Tensor& w_rec,
       const OptTensor& b_rec, const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
-      int64_t stride, int64_t padding, bool fused_gemm) {
+      int64_t stride, int64_t padding, bool fused_gemm, bool save_gates) {
     return bconv_cell_v2_fwd(FE, FF, x, w, b, w_rec, b_rec, c_prev, h_prev, h_alpha, stride,
-                             padding, fused_gemm);
+                             padding, fused_gemm, save_gates);
   }
   static std::tuple<Tensor, Tensor, Tensor> v2_bwd(const OptTensor& gy, const OptTensor& gc,
                                                    const OptTensor& gh, const Tensor& c_prev,

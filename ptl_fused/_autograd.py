@@ -1,11 +1,16 @@
 """Autograd shared by the fused backends (C++ cpu/cuda and Triton).
 
 A fused forward op has the signature of ``ptl_fused::bconv_cell_fwd`` (v2:
-``bconv_cell_v2_fwd``), optionally followed by more non-tensor arguments, and returns
-(y, c_new[, h_new], gates[, x_rec]). Backward = the backend's fused elementwise pass
-(dZ for the four gates, dC_{b-1}[, dH_{b-1}'s aggregation part]) followed by ATen's
-convolution backward (cuDNN/oneDNN) for the inputs and weights, and for v2 the recovery's
-transposed-convolution backward.
+``bconv_cell_v2_fwd``), optionally followed by more non-tensor arguments, the last of them
+``save_gates``, and returns (y, c_new[, h_new], gates[, x_rec]). Backward = the backend's
+fused elementwise pass (dZ for the four gates, dC_{b-1}[, dH_{b-1}'s aggregation part])
+followed by ATen's convolution backward (cuDNN/oneDNN) for the inputs and weights, and for
+v2 the recovery's transposed-convolution backward.
+
+What is kept for backward (DESIGN.md §2): the activated gates (save_gates=True), or, when a
+forward with a gradient to come ran with save_gates=False, only its inputs; backward then
+runs the same forward op again to get the gates (and v2's X~): one more gate convolution for
+(B, 4·Cout, Ho, Wo) fewer saved values (ptl_fused.ops' `recompute`).
 """
 
 from __future__ import annotations
@@ -56,24 +61,34 @@ def first_order(backward: Callable) -> Callable:
     return wrapper
 
 
+def _saved_gates(gates):
+    """The gates output as backward keeps it: None when the forward saved none (recompute)."""
+    return gates if gates.dim() == 4 else None
+
+
 def setup_cell(ctx, inputs, output):
     x, weight, bias, c_prev, stride, padding = inputs[:6]
     # Unused outputs (the gates; usually c_new, whose carry is detached) get None, not a
     # zero-filled gradient the size of the gate tensor.
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(x, weight, c_prev, output[2])
+    gates = _saved_gates(output[2])
+    ctx.save_for_backward(x, weight, c_prev, gates, bias if gates is None else None)
     ctx.conv = (bias is not None, stride, padding)
+    ctx.extra = inputs[6:-1]  # the op's arguments between padding and save_gates
 
 
-def cell_backward(bwd_epilogue: Callable) -> Callable:
-    """Backward of a v1 forward op; bwd_epilogue(gy, gc, c_prev, gates) -> (dZ, dC_prev)."""
+def cell_backward(bwd_epilogue: Callable, forward: Callable) -> Callable:
+    """Backward of a v1 forward op; bwd_epilogue(gy, gc, c_prev, gates) -> (dZ, dC_prev);
+    forward: the op itself, run again where its first run saved no gates."""
 
     @first_order
     def backward(ctx, grad_y, grad_c_new, _grad_gates):
-        x, weight, c_prev, gates = ctx.saved_tensors
+        x, weight, c_prev, gates, bias = ctx.saved_tensors
         has_bias, stride, padding = ctx.conv
         need = ctx.needs_input_grad
+        if gates is None:
+            gates = forward(x, weight, bias, c_prev, stride, padding, *ctx.extra, True)[2]
         grad_z, grad_c_prev = bwd_epilogue(grad_y, grad_c_new, c_prev, gates)
         gx, gw, gb = conv_backward(
             grad_z, x, weight, weight.shape[0], stride, padding, (need[0], need[1], has_bias and need[2])
@@ -85,22 +100,30 @@ def cell_backward(bwd_epilogue: Callable) -> Callable:
 
 def setup_cell_v2(ctx, inputs, output):
     x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding = inputs[:10]
-    gates, x_rec = output[3], output[4]
+    gates, x_rec = _saved_gates(output[3]), output[4]
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(gates, x_rec)
-    ctx.save_for_backward(x, weight, weight_rec, c_prev, h_prev, gates, x_rec, h_alpha)
+    ctx.mark_non_differentiable(output[3], x_rec)
+    # Recomputing: the inputs alone (X~ is recomputed with the gates); else the biases are
+    # not needed, and X~ is kept for the gate convolution's weight gradient.
+    saved = (bias, bias_rec, None) if gates is None else (None, None, x_rec)
+    ctx.save_for_backward(x, weight, weight_rec, c_prev, h_prev, gates, h_alpha, *saved)
     ctx.conv = (bias is not None, bias_rec is not None, stride, padding)
+    ctx.extra = inputs[10:-1]  # the op's arguments between padding and save_gates
 
 
-def cell_v2_backward(bwd_epilogue: Callable) -> Callable:
+def cell_v2_backward(bwd_epilogue: Callable, forward: Callable) -> Callable:
     """Backward of a v2 forward op; bwd_epilogue(gy, gc, gh, c_prev, gates, h_alpha) ->
-    (dZ, dC_prev, dH_prev's aggregation part)."""
+    (dZ, dC_prev, dH_prev's aggregation part); forward: the op itself, run again where its
+    first run saved no gates."""
 
     @first_order
     def backward(ctx, grad_y, grad_c_new, grad_h_new, _grad_gates, _grad_x_rec):
-        x, weight, weight_rec, c_prev, h_prev, gates, x_rec, h_alpha = ctx.saved_tensors
+        x, weight, weight_rec, c_prev, h_prev, gates, h_alpha, bias, bias_rec, x_rec = ctx.saved_tensors
         has_bias, has_bias_rec, stride, padding = ctx.conv
         need = ctx.needs_input_grad
+        if gates is None:
+            args = (x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding)
+            gates, x_rec = forward(*args, *ctx.extra, True)[3:5]
         n_x, n_w, n_b, n_wr, n_br, n_c, n_h = need[:7]
         grad_z, grad_c_prev, grad_h_prev = bwd_epilogue(
             grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha

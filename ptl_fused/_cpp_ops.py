@@ -2,7 +2,8 @@
 
 The forward op returns, beside (y, C_b[, H_b]), the tensors its backward needs: the
 activated gates (written over the convolution's output, so no extra (B, 4C, Ho, Wo)
-buffer) and, for v2, the recovered X~ (autograd: ptl_fused/_autograd.py). The eval op has
+buffer; (0,) with save_gates=False) and, for v2, the recovered X~ (autograd:
+ptl_fused/_autograd.py). The eval op has
 no autograd: ptl_fused.ops only calls it when no input needs a gradient.
 """
 
@@ -27,25 +28,38 @@ def _empty(shape, like: Tensor, dtype: torch.dtype, fmt: torch.memory_format) ->
     return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
 
 
-def _fake_fwd_outputs(x, weight, c_prev, stride, padding):
+def _fake_fwd_outputs(x, weight, c_prev, stride, padding, save_gates):
     fmt = suggest_memory_format(x)
     b, cout4 = x.shape[0], weight.shape[0]
     hw = _out_hw(x, weight.shape[-1], stride, padding)
     y = _empty((b, cout4 // 4, *hw), x, x.dtype, fmt)
     c_new = _empty((b, cout4 // 4, *hw), x, c_prev.dtype, fmt)
-    gates = _empty((b, cout4, *hw), x, x.dtype, fmt)
+    gates = _empty((b, cout4, *hw), x, x.dtype, fmt) if save_gates else x.new_empty(0)
     return y, c_new, gates, fmt
 
 
 @torch.library.register_fake("ptl_fused::bconv_cell_fwd")
-def _(x, weight, bias, c_prev, stride, padding, fused_gemm=False):
-    y, c_new, gates, _ = _fake_fwd_outputs(x, weight, c_prev, stride, padding)
+def _(x, weight, bias, c_prev, stride, padding, fused_gemm=False, save_gates=True):
+    y, c_new, gates, _ = _fake_fwd_outputs(x, weight, c_prev, stride, padding, save_gates)
     return y, c_new, gates
 
 
 @torch.library.register_fake("ptl_fused::bconv_cell_v2_fwd")
-def _(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, fused_gemm=False):
-    y, c_new, gates, fmt = _fake_fwd_outputs(x, weight, c_prev, stride, padding)
+def _(
+    x,
+    weight,
+    bias,
+    weight_rec,
+    bias_rec,
+    c_prev,
+    h_prev,
+    h_alpha,
+    stride,
+    padding,
+    fused_gemm=False,
+    save_gates=True,
+):
+    y, c_new, gates, fmt = _fake_fwd_outputs(x, weight, c_prev, stride, padding, save_gates)
     return y, c_new, torch.empty_like(c_new), gates, _empty(x.shape, x, x.dtype, fmt)
 
 
@@ -73,28 +87,51 @@ def _(x, weight3, bias3, gate_map, stride, padding, fused_gemm=False):
 
 torch.library.register_autograd(
     "ptl_fused::bconv_cell_fwd",
-    cell_backward(ops.bconv_cell_bwd),
+    cell_backward(ops.bconv_cell_bwd, ops.bconv_cell_fwd),
     setup_context=setup_cell,
 )
 torch.library.register_autograd(
     "ptl_fused::bconv_cell_v2_fwd",
-    cell_v2_backward(ops.bconv_cell_v2_bwd),
+    cell_v2_backward(ops.bconv_cell_v2_bwd, ops.bconv_cell_v2_fwd),
     setup_context=setup_cell_v2,
 )
 
 
 # fused_gemm=True: the CUDA implicit-GEMM kernel (convolution + cell in one kernel) instead of
-# the ATen convolution + fused epilogue; backward is the same either way.
-def bconv_cell(x, weight, bias, c_prev, stride, padding, fused_gemm=False):
-    y, c_new, _ = ops.bconv_cell_fwd(x, weight, bias, c_prev, stride, padding, fused_gemm)
+# the ATen convolution + fused epilogue; backward is the same either way. recompute: keep no
+# gates for backward, which computes them again (ptl_fused/_autograd.py).
+def bconv_cell(x, weight, bias, c_prev, stride, padding, fused_gemm=False, recompute=False):
+    y, c_new, _ = ops.bconv_cell_fwd(x, weight, bias, c_prev, stride, padding, fused_gemm, not recompute)
     return y, c_new
 
 
 def bconv_cell_v2(
-    x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, fused_gemm=False
+    x,
+    weight,
+    bias,
+    weight_rec,
+    bias_rec,
+    c_prev,
+    h_prev,
+    h_alpha,
+    stride,
+    padding,
+    fused_gemm=False,
+    recompute=False,
 ):
     y, c_new, h_new, _, _ = ops.bconv_cell_v2_fwd(
-        x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, fused_gemm
+        x,
+        weight,
+        bias,
+        weight_rec,
+        bias_rec,
+        c_prev,
+        h_prev,
+        h_alpha,
+        stride,
+        padding,
+        fused_gemm,
+        not recompute,
     )
     return y, c_new, h_new
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 
 import python_ref
 
@@ -22,6 +23,8 @@ from . import _extension
 class Backend:
     name: str
     device_types: tuple[str, ...]  # devices it runs on
+    # The cells of ptl_fused.ops, called with its positional arguments and, where set,
+    # recompute=True (keep no gates for backward; compute them again there).
     bconv_cell: Callable
     bconv_cell_v2: Callable
     bconv_cell_eval: Callable  # the zero-state inference shortcut (python_ref/eval_path.py)
@@ -30,6 +33,18 @@ class Backend:
 
 def _always() -> None:
     return None
+
+
+def _checkpointed(cell: Callable) -> Callable:
+    """The reference's recompute: python_ref's cells are pure functions, so torch's own
+    activation checkpointing keeps their inputs alone and runs them again in backward."""
+
+    def run(*args, recompute: bool = False):
+        if not recompute:
+            return cell(*args)
+        return torch.utils.checkpoint.checkpoint(cell, *args, use_reentrant=False)
+
+    return run
 
 
 def _cpu_unavailable() -> str | None:
@@ -87,8 +102,8 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend(
         "reference",
         ("cpu", "cuda"),
-        python_ref.bconv_cell,
-        python_ref.bconv_cell_v2,
+        _checkpointed(python_ref.bconv_cell),
+        _checkpointed(python_ref.bconv_cell_v2),
         python_ref.bconv_cell_eval,
         _always,
     ),

@@ -44,6 +44,7 @@ class _BConvCellBase(nn.Module):
         state_init: str,
         backend: str,
         gate_in_channels: int,
+        recompute: bool,
     ) -> None:
         super().__init__()
         for name, v, low in (
@@ -59,7 +60,11 @@ class _BConvCellBase(nn.Module):
             raise ValueError(f"state_init must be one of {STATE_INITS}, got {state_init!r}")
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be a bool, got {recompute!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
+        # Training: keep no gates for backward, which computes them again (ptl_fused.ops).
+        self.recompute = recompute
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.state_init, self.backend = state_init, backend
         k = kernel_size
@@ -160,6 +165,7 @@ class _BConvCellBase(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
             f"state_init={self.state_init!r}, backend={self.backend!r}"
+            + (", recompute=True" if self.recompute else "")
         )
 
 
@@ -170,6 +176,8 @@ class BConvCell(_BConvCellBase):
     for a float64 cell).
     Parameters: weight (4·Cout, Cin, k, k), gates ordered input, forget, output, cell;
     bias (4·Cout) or None.
+    recompute=True: training keeps no (B, 4·Cout, Ho, Wo) gates for backward, which computes
+    them again (one more gate convolution); the same values and gradients.
     """
 
     def __init__(
@@ -182,9 +190,19 @@ class BConvCell(_BConvCellBase):
         bias: bool = False,
         state_init: str = "zeros",
         backend: str = "auto",
+        recompute: bool = False,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, bias, state_init, backend, in_channels
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            bias,
+            state_init,
+            backend,
+            in_channels,
+            recompute,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -194,7 +212,7 @@ class BConvCell(_BConvCellBase):
         shape = self.state_shape(x)
         c_prev = self._previous(self.state, shape, x, "state")
         y, c_new = ops.bconv_cell(
-            x, self.weight, self.bias, c_prev, self.stride, self.padding, backend=self.backend
+            x, self.weight, self.bias, c_prev, self.stride, self.padding, self.backend, self.recompute
         )
         self._keep((c_new.detach(),), x)
         return y
@@ -211,7 +229,7 @@ class BConvCellV2(_BConvCellBase):
     Parameters: weight (4·Cout, 2·Cin, k, k) over [x, X~]; weight_rec (Cout, Cin, k, k) of
     the transpose-convolution recovery; bias/bias_rec when bias=True.
     H_b is the running mean of the outputs since the last reset (hidden_momentum=None) or an
-    EMA with alpha = hidden_momentum.
+    EMA with alpha = hidden_momentum. recompute=True: as BConvCell's (X~ is recomputed too).
     """
 
     def __init__(
@@ -225,6 +243,7 @@ class BConvCellV2(_BConvCellBase):
         state_init: str = "zeros",
         hidden_momentum: float | None = None,
         backend: str = "auto",
+        recompute: bool = False,
     ) -> None:
         super().__init__(
             in_channels,
@@ -236,6 +255,7 @@ class BConvCellV2(_BConvCellBase):
             state_init,
             backend,
             2 * in_channels,
+            recompute,
         )
         if hidden_momentum is not None and (
             isinstance(hidden_momentum, bool)
@@ -277,6 +297,7 @@ class BConvCellV2(_BConvCellBase):
             self.stride,
             self.padding,
             backend=self.backend,
+            recompute=self.recompute,
         )
         if self.hidden_momentum is None:
             self.num_batches.add_(1)  # only once the call has succeeded
@@ -307,6 +328,17 @@ def reset_states(model: nn.Module) -> int:
     cells = [m for m in model.modules() if isinstance(m, _BConvCellBase)]
     for m in cells:
         m.reset_state()
+    return len(cells)
+
+
+def set_recompute(model: nn.Module, recompute: bool = True) -> int:
+    """Make every BConv-Cell in `model` recompute its gates in backward instead of keeping them
+    (recompute=True), or keep them again (False); returns how many cells were set."""
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {recompute!r}")
+    cells = [m for m in model.modules() if isinstance(m, _BConvCellBase)]
+    for m in cells:
+        m.recompute = recompute
     return len(cells)
 
 

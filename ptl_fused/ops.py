@@ -53,15 +53,21 @@ def _differentiated_forward(tensors: tuple[Tensor | None, ...]) -> bool:
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _resolve(backend: str, x: Tensor, *tensors: Tensor | None) -> backends.Backend:
-    """The backend to run: the chosen one, or the reference while exporting or under forward
-    AD / torch.func transforms (same values, the gradients those need)."""
+def _resolve(backend: str, x: Tensor, *tensors: Tensor | None) -> tuple[backends.Backend, bool]:
+    """(the backend to run, whether it is the chosen one): the reference instead while exporting
+    or under forward AD / torch.func transforms (same values, the gradients those need; plain
+    ops, so no recomputation either)."""
     if exporting():  # before resolving: a model built for backend="cuda" exports on a CPU machine
-        return backends.BACKENDS["reference"]
+        return backends.BACKENDS["reference"], False
     impl = backends.resolve(backend, x.device)
     if _differentiated_forward((x, *tensors)):
-        return backends.BACKENDS["reference"]
-    return impl
+        return backends.BACKENDS["reference"], False
+    return impl, True
+
+
+def _check_recompute(recompute: bool) -> None:
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {recompute!r}")
 
 
 def bconv_cell(
@@ -72,6 +78,7 @@ def bconv_cell(
     stride: int = 1,
     padding: int = 0,
     backend: str = "auto",
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """BConv-Cell: returns (y (B, Cout, Ho, Wo) in the compute dtype, c_new (like c_prev)).
 
@@ -81,14 +88,18 @@ def bconv_cell(
     Gradients flow to x, weight, bias and c_prev. c_prev=None is inference from the zero
     state: returns (y, None) through the eval shortcut, or, when a gradient is needed,
     through the full cell from an explicit zero state (the shortcut has no backward).
+    recompute=True keeps no gates for backward, which computes them again from x, weight and
+    c_prev: one more gate convolution for (B, 4·Cout, Ho, Wo) fewer saved values.
     """
     cout, ho, wo = check_cell_inputs(x, weight, bias, c_prev, stride, padding)
-    impl = _resolve(backend, x, weight, bias, c_prev)
+    _check_recompute(recompute)
+    impl, chosen = _resolve(backend, x, weight, bias, c_prev)
+    run = dict(recompute=True) if recompute and chosen else {}
     if c_prev is not None:
-        return impl.bconv_cell(x, weight, bias, c_prev, stride, padding)
+        return impl.bconv_cell(x, weight, bias, c_prev, stride, padding, **run)
     if _needs_grad(x, weight, bias) and not exporting():  # the shortcut has no backward
         c0 = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
-        return impl.bconv_cell(x, weight, bias, c0, stride, padding)[0], None
+        return impl.bconv_cell(x, weight, bias, c0, stride, padding, **run)[0], None
     rows_bias = None if bias is None else eval_gate_rows(bias)
     return impl.bconv_cell_eval(x, eval_gate_rows(weight), rows_bias, None, stride, padding), None
 
@@ -105,6 +116,7 @@ def bconv_cell_v2(
     stride: int = 1,
     padding: int = 0,
     backend: str = "auto",
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """BConv-Cell-v2: returns (y, c_new, h_new), h_new = h_prev + h_alpha·(y − h_prev).
 
@@ -116,15 +128,17 @@ def bconv_cell_v2(
     it changes); it gets no gradient. Gradients flow to every other tensor input.
     c_prev=h_prev=None is inference from the zero state: returns (y, None, None), where the
     recovery's share of the gate conv is the constant map of python_ref.v2_gate_map.
+    recompute=True keeps neither the gates nor X̃ for backward, which computes both again.
     """
     cout, ho, wo = check_cell_inputs(x, weight, bias, c_prev, stride, padding, v2=True)
+    _check_recompute(recompute)
     check_v2_inputs(x, weight, weight_rec, bias_rec, h_prev, h_alpha, (x.shape[0], cout, ho, wo))
     if (c_prev is None) != (h_prev is None):
         raise ValueError("c_prev and h_prev must both be tensors, or both None (the zero state of inference)")
     # A constant of the aggregation on every backend (no gradient, no tangent); numpy scalars
     # become floats.
     h_alpha = h_alpha.detach() if isinstance(h_alpha, Tensor) else float(h_alpha)
-    impl = _resolve(backend, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
+    impl, chosen = _resolve(backend, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
     inference = c_prev is None
     if inference:
         if not _needs_grad(x, weight, bias, weight_rec, bias_rec) or exporting():
@@ -137,8 +151,9 @@ def bconv_cell_v2(
             h_alpha = h_alpha.to(dtype).reshape(())
         else:
             h_alpha = torch.full((), h_alpha, dtype=dtype, device=x.device)
+    run = dict(recompute=True) if recompute and chosen else {}
     y, c_new, h_new = impl.bconv_cell_v2(
-        x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding
+        x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, **run
     )
     return (y, None, None) if inference else (y, c_new, h_new)
 
@@ -184,6 +199,6 @@ def bconv_cell_eval(
         raise RuntimeError(
             "bconv_cell_eval has no backward; use bconv_cell(..., c_prev=None) when a gradient is needed"
         )
-    return _resolve(backend, x, weight3, bias3, gate_map).bconv_cell_eval(
+    return _resolve(backend, x, weight3, bias3, gate_map)[0].bconv_cell_eval(
         x, weight3, bias3, gate_map, stride, padding
     )

@@ -130,18 +130,18 @@ def cast_inputs(master: dict, dtype: torch.dtype, device: str, requires_grad: bo
     return out
 
 
-def call(backend: str, args: dict, case: Case, v2: bool):
+def call(backend: str, args: dict, case: Case, v2: bool, recompute: bool = False):
     """Runs the cell through ptl_fused.ops (or python_ref itself for 'oracle')."""
     fn = (python_ref.bconv_cell_v2 if v2 else python_ref.bconv_cell) if backend == "oracle" else None
     if fn is None:
         fn = ops.bconv_cell_v2 if v2 else ops.bconv_cell
-        return fn(*args.values(), case.stride, case.padding, backend=backend)
+        return fn(*args.values(), case.stride, case.padding, backend=backend, recompute=recompute)
     return fn(*args.values(), case.stride, case.padding)
 
 
-def forward_backward(backend: str, args: dict, case: Case, v2: bool, seed: int = 1):
+def forward_backward(backend: str, args: dict, case: Case, v2: bool, seed: int = 1, recompute: bool = False):
     """Outputs and the gradient of every tensor input under sum(out_i * r_i), r_i random."""
-    outs = call(backend, args, case, v2)
+    outs = call(backend, args, case, v2, recompute)
     g = torch.Generator().manual_seed(seed)
     loss = sum(
         (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in outs
@@ -171,7 +171,7 @@ def every_other(t: Tensor) -> Tensor:
     return big[..., ::2]
 
 
-def check_cell(backend, device, case, v2, dtype, master, layout=None):
+def check_cell(backend, device, case, v2, dtype, master, layout=None, recompute=False):
     """Forward, every gradient and the carried state of `backend` against python_ref (float64
     oracle), within tolerances.py's bound; `layout` re-lays out the cast inputs."""
     skip_unsupported(backend, device, dtype)
@@ -180,7 +180,7 @@ def check_cell(backend, device, case, v2, dtype, master, layout=None):
     args = cast_inputs(master, dtype, device)
     if layout is not None:
         args = layout(args)
-    got_out, got_grad = forward_backward(backend, args, case, v2)
+    got_out, got_grad = forward_backward(backend, args, case, v2, recompute=recompute)
     for name, got, eager, oracle in zip(OUT_NAMES, got_out, eager_out, oracle_out, strict=False):
         want_dtype = dtype if name == "y" else (torch.float64 if dtype == torch.float64 else torch.float32)
         assert got.dtype == want_dtype, f"{name} is {got.dtype}, expected {want_dtype}"

@@ -29,10 +29,10 @@ def test_gradcheck_float64(backend, device, case, v2):
     assert torch.autograd.gradcheck(fn, [args[n] for n in names], eps=1e-6, atol=1e-7, nondet_tol=nondet_tol)
 
 
-def _op_samples(v2: bool, dtype=torch.float32, device="cpu", fused_gemm=None):
+def _op_samples(v2: bool, dtype=torch.float32, device="cpu", fused_gemm=None, save_gates=True):
     case = CASES[1]
     args = cast_inputs(make_inputs(case, v2), dtype, device)
-    extra = () if fused_gemm is None else (fused_gemm,)
+    extra = () if fused_gemm is None and save_gates else (bool(fused_gemm), save_gates)
     if v2:
         args["h_alpha"] = torch.tensor(0.25, device=device)
         return torch.ops.ptl_fused.bconv_cell_v2_fwd.default, (
@@ -49,13 +49,15 @@ _NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA devi
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("save_gates", [True, False], ids=["saving", "recomputing"])
 @pytest.mark.parametrize(
     "device,fused_gemm",
     [("cpu", None), pytest.param("cuda", False, marks=_NO_GPU), pytest.param("cuda", True, marks=_NO_GPU)],
     ids=["cpu", "cuda", "cuda-fused_gemm"],
 )
-def test_opcheck_forward_ops(v2, channels_last, device, fused_gemm):
-    op, args = _op_samples(v2, device=device, fused_gemm=fused_gemm)
+def test_opcheck_forward_ops(v2, channels_last, save_gates, device, fused_gemm):
+    # save_gates=False with inputs that need a gradient: backward runs the forward again.
+    op, args = _op_samples(v2, device=device, fused_gemm=fused_gemm, save_gates=save_gates)
     if channels_last:
         args = tuple(
             a.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -87,7 +89,7 @@ def test_opcheck_backward_ops(v2):
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("save_gates", [True, False], ids=["training", "no-grad"])
+@pytest.mark.parametrize("save_gates", [True, False], ids=["saving", "recomputing"])
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
 def test_opcheck_triton_ops(backend, device, v2, save_gates):
     # The Triton backend's own custom ops (schema, fake kernel, autograd registration, the
@@ -97,11 +99,9 @@ def test_opcheck_triton_ops(backend, device, v2, save_gates):
         torch.ops.ptl_fused.triton_bconv_cell_v2_fwd if v2 else torch.ops.ptl_fused.triton_bconv_cell_fwd
     )
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    if not save_gates:  # the no-grad forward: nothing needs a gradient
+    if not save_gates:  # the no-grad forward, and the recomputing one (backward runs it again)
         torch.library.opcheck(forward, (*detached, False))
-        # A backward through it anyway (was a TypeError from inside the Triton launch).
-        with pytest.raises(RuntimeError, match="ran with save_gates=False, which keeps no gates"):
-            forward(*args, False)[0].sum().backward()
+        torch.library.opcheck(forward, (*args, False))
         return
     torch.library.opcheck(forward, (*args, True))
     with torch.no_grad():
@@ -116,9 +116,12 @@ def test_opcheck_triton_ops(backend, device, v2, save_gates):
     torch.library.opcheck(backward, (grads[0], None, None, c_prev, gates, h_alpha))  # y's grad alone
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["saving", "recomputing"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend,device", backend_params())
-def test_compile_fullgraph_forward_backward(backend, device, v2):
+def test_compile_fullgraph_forward_backward(backend, device, v2, recompute):
+    # Recomputing under compile: the fused ops' backward runs the forward op again inside the
+    # compiled backward graph; the reference's torch.utils.checkpoint is traced as such.
     torch._dynamo.reset()
     case = CASES[1]
     master = make_inputs(case, v2)
@@ -126,7 +129,9 @@ def test_compile_fullgraph_forward_backward(backend, device, v2):
         master["h_alpha"] = torch.tensor(0.25, dtype=torch.float64)
     op = ptl_fused.ops.bconv_cell_v2 if v2 else ptl_fused.ops.bconv_cell
     compiled = torch.compile(
-        lambda *a: op(*a, case.stride, case.padding, backend=backend), fullgraph=True, dynamic=False
+        lambda *a: op(*a, case.stride, case.padding, backend=backend, recompute=recompute),
+        fullgraph=True,
+        dynamic=False,
     )
     args = cast_inputs(master, torch.float32, device)
     if v2:

@@ -73,3 +73,22 @@ def test_cuda_targets_judge_only_bf16_rows(tmp_path, dtype):
 def test_no_gpu_rows_no_targets_section(tmp_path):
     text = _report(tmp_path, [_row("C v1 fwd", "eager", 1.0, "fwd"), _row("C v1 fwd", "cpu", 0.5, "fwd")])
     assert TARGETS not in text and IGEMM not in text
+
+
+def test_recompute_table_shares_and_costs(tmp_path):
+    def row(impl, ms, saved):
+        r = _row("D v1 fwd+bwd", impl, ms, "fwd+bwd")
+        r["extra_info"]["saved_bytes"] = saved
+        return r
+
+    rows = [row("eager", 6.0, 1000), row("cuda", 3.0, 800), row("cuda+recompute", 4.0, 400)]
+    rows.append(row("triton+recompute", 5.0, 650))  # no saving triton row: no time ratio
+    text = _report(tmp_path, rows)
+    section = "Recomputing the gates"
+    # group | dtype | impl | saved / eager's | <= 0.6 | time / saving row's | x eager
+    cuda = _line(text, section, "D v1 fwd+bwd")
+    assert cuda == ["D v1 fwd+bwd", "bfloat16", "cuda+recompute", "0.40", "met", "1.33", "1.50"]
+    lines = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    assert "| triton+recompute | 0.65 | **missed** |  | 1.20 |" in lines
+    # Recomputing rows are options of a backend, not backends "auto" chooses between.
+    assert "recompute" not in _line(text, TARGETS, "D v1 fwd+bwd")[-1]

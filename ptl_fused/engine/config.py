@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "cell": "v1",  # v1 | v2 | null (plain backbone, the baseline)
         "head": "reid",  # reid | classification
         "backend": "auto",
+        "recompute": False,  # the cells recompute their gates in backward (less memory, +1 conv)
         "pretrained": None,  # local torchvision state dict for the backbone
         "kwargs": {},  # passed on to ptl_fused.models.build_model
     },

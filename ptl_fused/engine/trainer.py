@@ -55,9 +55,10 @@ ModelFactory = Callable[[dict, int], nn.Module]
 
 def build_model_from_config(model_cfg: dict, num_classes: int) -> nn.Module:
     """ptl_fused.models.build_model with the config's model section."""
+    from ptl_fused import set_recompute
     from ptl_fused.models import build_model
 
-    return build_model(
+    model = build_model(
         model_cfg["arch"],
         num_classes,
         cell=model_cfg["cell"],
@@ -66,6 +67,8 @@ def build_model_from_config(model_cfg: dict, num_classes: int) -> nn.Module:
         pretrained=model_cfg["pretrained"],
         **model_cfg["kwargs"],
     )
+    set_recompute(model, model_cfg["recompute"])
+    return model
 
 
 def build_for_checkpoint(build: ModelFactory, model_cfg: dict, num_classes: int) -> nn.Module:

@@ -301,27 +301,16 @@ def _(grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha):
     return torch.empty_like(gates, memory_format=fmt), grad_c_prev, grad_h_prev
 
 
-def _saved(gates: Tensor) -> Tensor:
-    if gates.dim() != 4:  # (0,): not saved
-        raise RuntimeError(
-            "ptl_fused: backward through a triton_bconv_cell forward that ran with save_gates=False, "
-            "which keeps no gates for it; call the op with save_gates=True where a gradient is "
-            "needed (ptl_fused.ops.bconv_cell decides this itself)"
-        )
-    return gates
-
-
 def _bwd_v1(grad_y, grad_c_new, c_prev, gates):
-    grad_z, grad_c_prev, _ = bconv_cell_bwd(grad_y, grad_c_new, None, c_prev, _saved(gates), None)
+    grad_z, grad_c_prev, _ = bconv_cell_bwd(grad_y, grad_c_new, None, c_prev, gates, None)
     return grad_z, grad_c_prev
 
 
-def _bwd_v2(grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha):
-    return bconv_cell_bwd(grad_y, grad_c_new, grad_h_new, c_prev, _saved(gates), h_alpha)
-
-
-bconv_cell_fwd.register_autograd(cell_backward(_bwd_v1), setup_context=setup_cell)
-bconv_cell_v2_fwd.register_autograd(cell_v2_backward(_bwd_v2), setup_context=setup_cell_v2)
+# A forward with save_gates=False and a gradient to come: backward runs it again, saving.
+bconv_cell_fwd.register_autograd(cell_backward(_bwd_v1, bconv_cell_fwd), setup_context=setup_cell)
+bconv_cell_v2_fwd.register_autograd(
+    cell_v2_backward(bconv_cell_bwd, bconv_cell_v2_fwd), setup_context=setup_cell_v2
+)
 
 
 def _autocast(device_type: str, *tensors):
@@ -337,15 +326,17 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def bconv_cell(x, weight, bias, c_prev, stride, padding):
-    save = _needs_grad(x, weight, bias, c_prev)
+def bconv_cell(x, weight, bias, c_prev, stride, padding, recompute=False):
+    save = _needs_grad(x, weight, bias, c_prev) and not recompute
     x, weight, bias = _autocast(x.device.type, x, weight, bias)
     y, c_new, _ = bconv_cell_fwd(x, weight, bias, c_prev, stride, padding, save)
     return y, c_new
 
 
-def bconv_cell_v2(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding):
-    save = _needs_grad(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
+def bconv_cell_v2(
+    x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, recompute=False
+):
+    save = _needs_grad(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev) and not recompute
     x, weight, bias, weight_rec, bias_rec = _autocast(x.device.type, x, weight, bias, weight_rec, bias_rec)
     y, c_new, h_new, _, _ = bconv_cell_v2_fwd(
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, save

@@ -1,0 +1,143 @@
+"""recompute=True: backward computes the gates (and v2's X~) again instead of keeping them.
+
+The same suite as every backend (tests/cells.py: forward, every gradient, the carried state
+against the float64 python_ref), plus what recomputing is for: autograd keeps the inputs
+alone, and on the CPU the values are bit for bit those of the saving path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor
+
+import ptl_fused
+
+from cells import (
+    CASES,
+    DTYPES,
+    WIDE_CASES,
+    backend_params,
+    call,
+    cast_inputs,
+    check_cell,
+    forward_backward,
+    make_inputs,
+)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_recomputing_matches_reference(backend, device, case, dtype, v2):
+    check_cell(backend, device, case, v2, dtype, make_inputs(case, v2), recompute=True)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", WIDE_CASES[:2], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cuda",)))
+def test_recomputing_wide_cells_on_gpu(backend, device, case, dtype, v2):
+    check_cell(backend, device, case, v2, dtype, make_inputs(case, v2), recompute=True)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cpu",)))
+def test_recomputing_gives_the_saving_paths_values_bit_for_bit(backend, device, v2):
+    # The recomputed gates come from the same forward on the same inputs. (On a GPU, Triton
+    # may autotune the saving and the recomputing kernels to different tiles: tolerance.)
+    case = CASES[3]
+    master = make_inputs(case, v2)
+    saving = forward_backward(backend, cast_inputs(master, torch.float32, device), case, v2)
+    recomputing = forward_backward(
+        backend, cast_inputs(master, torch.float32, device), case, v2, recompute=True
+    )
+    for a, b in zip(saving[0], recomputing[0], strict=True):
+        assert torch.equal(a, b)
+    for name, g in saving[1].items():
+        assert torch.equal(g, recomputing[1][name]), f"d{name}"
+
+
+def _kept_for_backward(run) -> dict[int, int]:
+    """data_ptr -> bytes of every storage autograd saves during run()."""
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        kept[s.data_ptr()] = s.nbytes()
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return kept
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_recomputing_keeps_only_the_inputs(backend, device, v2):
+    case = CASES[0]
+    args = cast_inputs(make_inputs(case, v2), torch.float32, device)
+    inputs = {t.untyped_storage().data_ptr() for t in args.values() if isinstance(t, Tensor)}
+    b, cout, (ho, wo) = case.batch, case.cout, case.out_hw
+    gate_bytes = b * 4 * cout * ho * wo * 4
+
+    def others(recompute):
+        kept = _kept_for_backward(lambda: call(backend, args, case, v2, recompute))
+        return {p: n for p, n in kept.items() if p not in inputs}
+
+    # The saving path keeps the gates (and X~ for v2) beside the inputs: the check can fail.
+    assert sum(others(False).values()) >= gate_bytes
+    # Recomputing: the inputs, and at most v2's h_alpha made a one-element device tensor.
+    assert all(n <= 8 for n in others(True).values()), others(True)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", [p for p in backend_params(("cpu",)) if p.values[0] != "triton"])
+def test_gradcheck_float64_recomputing(backend, device, v2):
+    case = CASES[1]
+    args = cast_inputs(make_inputs(case, v2), torch.float64, device)
+    names = [n for n, t in args.items() if isinstance(t, Tensor)]
+
+    def fn(*tensors):
+        return call(backend, {**args, **dict(zip(names, tensors, strict=True))}, case, v2, recompute=True)
+
+    assert torch.autograd.gradcheck(fn, [args[n] for n in names], eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cpu",)))
+def test_recomputing_cells_train_as_the_saving_ones(backend, device, v2):
+    # Three steps with the state carried and the batch size changing: the same weights and
+    # states, exactly, on the CPU.
+    torch.manual_seed(0)
+    cls = ptl_fused.BConvCellV2 if v2 else ptl_fused.BConvCell
+    saving = cls(3, 4, stride=2, padding=1, bias=True, backend=backend)
+    recomputing = copy.deepcopy(saving)
+    assert ptl_fused.set_recompute(torch.nn.Sequential(recomputing)) == 1 and recomputing.recompute
+    assert "recompute=True" in repr(recomputing) and "recompute" not in repr(saving)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (saving, recomputing)]
+    for batch in (2, 3, 2):
+        x = torch.randn(batch, 3, 7, 6)
+        for m, opt in zip((saving, recomputing), opts, strict=True):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for (name, p), q in zip(saving.named_parameters(), recomputing.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    states = [s if isinstance(s, tuple) else (s,) for s in (saving.state, recomputing.state)]
+    for a, b in zip(*states, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_recompute_must_be_a_bool():
+    with pytest.raises(TypeError, match="recompute must be a bool, got 1"):
+        ptl_fused.BConvCell(3, 4, recompute=1)
+    with pytest.raises(TypeError, match="recompute must be a bool, got 'yes'"):
+        ptl_fused.set_recompute(ptl_fused.BConvCellV2(3, 4), "yes")
+    case = CASES[0]
+    args = cast_inputs(make_inputs(case, False), torch.float32, "cpu")
+    with pytest.raises(TypeError, match="recompute must be a bool, got None"):
+        ptl_fused.ops.bconv_cell(*args.values(), case.stride, case.padding, recompute=None)
