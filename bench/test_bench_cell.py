@@ -87,8 +87,9 @@ def cell_fn(impl: str, v2: bool):
     return functools.partial(op, backend=backend, recompute=backend != impl)
 
 
-def saved_bytes(run) -> int:
-    """Bytes of the unique storages autograd saves for backward during `run()`."""
+def saved_bytes(run, weights: tuple[torch.Tensor, ...] = ()) -> tuple[int, int]:
+    """Bytes of the unique storages autograd saves for backward during `run()`: all of them, and
+    those of `weights` among them (parameters: the model holds them whether saved or not)."""
     storages: dict[int, int] = {}
 
     def pack(t):
@@ -100,7 +101,8 @@ def saved_bytes(run) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
-    return sum(storages.values())
+    weight_ptrs = {w.untyped_storage().data_ptr() for w in weights}
+    return sum(storages.values()), sum(n for p, n in storages.items() if p in weight_ptrs)
 
 
 def _sync():
@@ -117,20 +119,16 @@ def copies(args: list, n: int) -> list[list]:
     return [args] + [[copy(a) for a in args] for _ in range(n - 1)]
 
 
-@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "impl,pass_",
+    [
+        pytest.param(i, p, id=f"{i}-{p}")
+        for p, impls in (("fwd", IMPLS), ("fwd+bwd", IMPLS + RECOMPUTE_IMPLS))
+        for i in impls
+    ],
+)
 def test_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
-    bench_cell(benchmark, shape, impl, v2, pass_, dtype, repeat)
-
-
-@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("impl", RECOMPUTE_IMPLS)
-def test_cell_recompute(benchmark, shape, impl, v2, dtype, repeat):
-    bench_cell(benchmark, shape, impl, v2, "fwd+bwd", dtype, repeat)
-
-
-def bench_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
     args, leaves = make_args(shape, v2, dtype)
     positions = [next(i for i, a in enumerate(args) if a is leaf) for leaf in leaves]
     sets = [(a, [a[i] for i in positions]) for a in copies(args, input_copies(shape.bytes(v2, dtype)))]
@@ -156,6 +154,7 @@ def bench_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
     forward_backward()
     timed()
     version = "v2" if v2 else "v1"
+    saved, saved_weights = saved_bytes(lambda: fn(*args), tuple(leaves[1:]))  # leaves[1:]: the weights
     benchmark.group = f"{shape.name} {version} {pass_}"
     flops = shape.flops(v2) * (3 if pass_ == "fwd+bwd" else 1)  # backward: dx and dW convs
     benchmark.extra_info.update(
@@ -169,7 +168,8 @@ def bench_cell(benchmark, shape, impl, v2, pass_, dtype, repeat):
         device=DEVICE.type,
         flops=flops,
         bytes=shape.bytes(v2, dtype),
-        saved_bytes=saved_bytes(lambda: fn(*args)),
+        saved_bytes=saved,
+        saved_weight_bytes=saved_weights,
         calls_per_round=CALLS,
         input_copies=len(sets),
     )

@@ -61,6 +61,13 @@ def first_order(backward: Callable) -> Callable:
     return wrapper
 
 
+def _as_saved(x) -> torch.autocast:
+    """Autocast off for a recompute: its inputs were saved as the first run got them (already
+    cast), and a backward called under autocast would cast them again (the C++ ops' Autocast
+    kernels), maybe to another dtype than the first run's."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _saved_gates(gates):
     """The gates output as backward keeps it: None when the forward saved none (recompute)."""
     return gates if gates.dim() == 4 else None
@@ -88,7 +95,8 @@ def cell_backward(bwd_epilogue: Callable, forward: Callable) -> Callable:
         has_bias, stride, padding = ctx.conv
         need = ctx.needs_input_grad
         if gates is None:
-            gates = forward(x, weight, bias, c_prev, stride, padding, *ctx.extra, True)[2]
+            with _as_saved(x):
+                gates = forward(x, weight, bias, c_prev, stride, padding, *ctx.extra, True)[2]
         grad_z, grad_c_prev = bwd_epilogue(grad_y, grad_c_new, c_prev, gates)
         gx, gw, gb = conv_backward(
             grad_z, x, weight, weight.shape[0], stride, padding, (need[0], need[1], has_bias and need[2])
@@ -123,7 +131,8 @@ def cell_v2_backward(bwd_epilogue: Callable, forward: Callable) -> Callable:
         need = ctx.needs_input_grad
         if gates is None:
             args = (x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding)
-            gates, x_rec = forward(*args, *ctx.extra, True)[3:5]
+            with _as_saved(x):
+                gates, x_rec = forward(*args, *ctx.extra, True)[3:5]
         n_x, n_w, n_b, n_wr, n_br, n_c, n_h = need[:7]
         grad_z, grad_c_prev, grad_h_prev = bwd_epilogue(
             grad_y, grad_c_new, grad_h_new, c_prev, gates, h_alpha

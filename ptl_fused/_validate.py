@@ -39,6 +39,11 @@ def _int(name: str, v: object, low: int) -> int:
     return v
 
 
+def check_recompute(recompute: object) -> None:
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {recompute!r}")
+
+
 def check_cell_inputs(
     x: Tensor,
     weight: Tensor,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from python_ref import STATE_INITS, carry_state, conv_output_size, state_dtype
 
 from . import ops
+from ._validate import check_recompute
 from .backends import BACKENDS
 
 
@@ -60,8 +61,7 @@ class _BConvCellBase(nn.Module):
             raise ValueError(f"state_init must be one of {STATE_INITS}, got {state_init!r}")
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
-        if not isinstance(recompute, bool):
-            raise TypeError(f"recompute must be a bool, got {recompute!r}")
+        check_recompute(recompute)
         self.in_channels, self.out_channels = in_channels, out_channels
         # Training: keep no gates for backward, which computes them again (ptl_fused.ops).
         self.recompute = recompute
@@ -334,8 +334,7 @@ def reset_states(model: nn.Module) -> int:
 def set_recompute(model: nn.Module, recompute: bool = True) -> int:
     """Make every BConv-Cell in `model` recompute its gates in backward instead of keeping them
     (recompute=True), or keep them again (False); returns how many cells were set."""
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be a bool, got {recompute!r}")
+    check_recompute(recompute)
     cells = [m for m in model.modules() if isinstance(m, _BConvCellBase)]
     for m in cells:
         m.recompute = recompute

@@ -20,7 +20,7 @@ from torch._C._functorch import TransformType, get_interpreter_stack
 from python_ref import eval_gate_rows, state_dtype
 
 from . import backends
-from ._validate import check_cell_inputs, check_eval_inputs, check_v2_inputs
+from ._validate import check_cell_inputs, check_eval_inputs, check_recompute, check_v2_inputs
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -65,11 +65,6 @@ def _resolve(backend: str, x: Tensor, *tensors: Tensor | None) -> tuple[backends
     return impl, True
 
 
-def _check_recompute(recompute: bool) -> None:
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be a bool, got {recompute!r}")
-
-
 def bconv_cell(
     x: Tensor,
     weight: Tensor,
@@ -92,7 +87,7 @@ def bconv_cell(
     c_prev: one more gate convolution for (B, 4·Cout, Ho, Wo) fewer saved values.
     """
     cout, ho, wo = check_cell_inputs(x, weight, bias, c_prev, stride, padding)
-    _check_recompute(recompute)
+    check_recompute(recompute)
     impl, chosen = _resolve(backend, x, weight, bias, c_prev)
     run = dict(recompute=True) if recompute and chosen else {}
     if c_prev is not None:
@@ -131,7 +126,7 @@ def bconv_cell_v2(
     recompute=True keeps neither the gates nor X̃ for backward, which computes both again.
     """
     cout, ho, wo = check_cell_inputs(x, weight, bias, c_prev, stride, padding, v2=True)
-    _check_recompute(recompute)
+    check_recompute(recompute)
     check_v2_inputs(x, weight, weight_rec, bias_rec, h_prev, h_alpha, (x.shape[0], cout, ho, wo))
     if (c_prev is None) != (h_prev is None):
         raise ValueError("c_prev and h_prev must both be tensors, or both None (the zero state of inference)")

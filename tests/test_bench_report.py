@@ -76,19 +76,20 @@ def test_no_gpu_rows_no_targets_section(tmp_path):
 
 
 def test_recompute_table_shares_and_costs(tmp_path):
-    def row(impl, ms, saved):
+    def row(impl, ms, saved, weights=100):
         r = _row("D v1 fwd+bwd", impl, ms, "fwd+bwd")
-        r["extra_info"]["saved_bytes"] = saved
+        r["extra_info"].update(saved_bytes=saved, saved_weight_bytes=weights)
         return r
 
     rows = [row("eager", 6.0, 1000), row("cuda", 3.0, 800), row("cuda+recompute", 4.0, 400)]
     rows.append(row("triton+recompute", 5.0, 650))  # no saving triton row: no time ratio
+    del rows[-1]["extra_info"]["saved_weight_bytes"]  # an older result: no weights column
     text = _report(tmp_path, rows)
     section = "Recomputing the gates"
-    # group | dtype | impl | saved / eager's | <= 0.6 | time / saving row's | x eager
+    # group | dtype | impl | saved / eager's | <= 0.6 | without the weights | time / saving's | x eager
     cuda = _line(text, section, "D v1 fwd+bwd")
-    assert cuda == ["D v1 fwd+bwd", "bfloat16", "cuda+recompute", "0.40", "met", "1.33", "1.50"]
+    assert cuda == ["D v1 fwd+bwd", "bfloat16", "cuda+recompute", "0.40", "met", "0.33", "1.33", "1.50"]
     lines = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
-    assert "| triton+recompute | 0.65 | **missed** |  | 1.20 |" in lines
+    assert "| triton+recompute | 0.65 | **missed** |  |  | 1.20 |" in lines
     # Recomputing rows are options of a backend, not backends "auto" chooses between.
     assert "recompute" not in _line(text, TARGETS, "D v1 fwd+bwd")[-1]

@@ -82,6 +82,20 @@ def digits_cfg(tmp_path: Path, *overrides: str) -> dict:
 # --- config ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_model_recompute_reaches_every_cell(recompute):
+    cfg = load_config(
+        None, ["model.arch=digits", "model.cell=v2", f"model.recompute={str(recompute).lower()}"]
+    )
+    model = trainer.build_model_from_config(cfg["model"], 5)
+    cells = [m for m in model.modules() if isinstance(m, (BConvCell, BConvCellV2))]
+    assert cells and all(m.recompute is recompute for m in cells)
+    with pytest.raises(ConfigError, match="model.recompute must be bool"):
+        load_config(None, ["model.recompute=sometimes"])
+    del cfg["model"]["recompute"]  # a checkpoint's config from before the key (an STD teacher's)
+    assert trainer.build_model_from_config(cfg["model"], 5) is not None
+
+
 def test_defaults_are_the_paper_protocol():
     cfg = load_config()
     o = cfg["optim"]
@@ -490,7 +504,9 @@ def test_resume_refuses_changed_training_settings_and_may_extend_epochs(trained,
     # optim.epochs may grow: the run goes on exactly as one planned with 3 epochs from the start.
     # So may the paths of files whose content the checkpoint holds (the digits job's teacher
     # lies under out, which may move).
+    # model.recompute too: memory for compute, the same values.
     moved = ("optim.epochs=3", "model.pretrained=/moved/weights.pth", "std.teacher=/moved/last.pt")
+    moved += ("model.recompute=true",)
     with pytest.raises(CheckpointError, match="checkpoint /moved/last.pt does not exist") as e:
         run(digits_cfg(tmp_path, *moved), resume="auto", build=tiny_build, verbose=False)
     assert "cannot resume" not in str(e.value), "a moved path is not a changed setting"

@@ -35,18 +35,19 @@ def test_every_gpu_backend_is_available():
     assert not missing, f"{missing} (extension load error: {_extension.LOAD_ERROR})"
 
 
-def _model(v2: bool, backend: str) -> nn.Module:
+def _model(v2: bool, backend: str, recompute: bool = False) -> nn.Module:
     torch.manual_seed(0)
     cls = BConvCellV2 if v2 else BConvCell
-    return nn.Sequential(
-        cls(3, 8, padding=1, backend=backend), nn.ReLU(), cls(8, 4, stride=2, padding=1, backend=backend)
-    ).cuda()
+    kw = dict(backend=backend, recompute=recompute)
+    return nn.Sequential(cls(3, 8, padding=1, **kw), nn.ReLU(), cls(8, 4, stride=2, padding=1, **kw)).cuda()
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["saving", "recomputing"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_cuda_graph_training_step_carries_state(backend, v2):
-    graphed, eager = _model(v2, backend), None
+def test_cuda_graph_training_step_carries_state(backend, v2, recompute):
+    # Recomputing: backward runs the forward op again, inside the captured graph too.
+    graphed, eager = _model(v2, backend, recompute), None
     eager = copy.deepcopy(graphed)
     opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)

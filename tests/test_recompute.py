@@ -132,6 +132,27 @@ def test_recomputing_cells_train_as_the_saving_ones(backend, device, v2):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_backward_under_autocast_recomputes_the_forwards_dtype(backend, device, v2):
+    # A float32 forward, its backward called inside an autocast region: the recompute must run
+    # in float32 as the first run did (the C++ ops' Autocast kernels would cast to bfloat16).
+    case = CASES[0]
+    master = make_inputs(case, v2)
+    saving = forward_backward(backend, cast_inputs(master, torch.float32, device), case, v2)
+    args = cast_inputs(master, torch.float32, device)
+    outs = call(backend, args, case, v2, recompute=True)
+    g = torch.Generator().manual_seed(1)
+    loss = sum(
+        (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in outs
+    )
+    leaves = {n: t for n, t in args.items() if isinstance(t, Tensor)}
+    with torch.autocast(device, dtype=torch.bfloat16):
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    for name, got in zip(leaves, grads, strict=True):
+        torch.testing.assert_close(got, saving[1][name], rtol=1e-5, atol=1e-6, msg=f"d{name}")
+
+
 def test_recompute_must_be_a_bool():
     with pytest.raises(TypeError, match="recompute must be a bool, got 1"):
         ptl_fused.BConvCell(3, 4, recompute=1)

@@ -201,8 +201,8 @@ def check_resume(ckpt: dict, path: str | Path, cfg: dict) -> None:
             f"settings differ from it: {'; '.join(diffs)}. To continue the saved run, resume with its "
             "settings (remove the override or config edit that changes them); or start a new run with "
             "another out= (and no --resume). Only paths (out, data.root, model.pretrained, std.teacher), "
-            "data.num_workers, device, deterministic, eval.*, train.progress/tensorboard and optim.epochs "
-            "(to extend training) may change on resume"
+            "data.num_workers, device, deterministic, model.recompute, eval.*, "
+            "train.progress/tensorboard and optim.epochs (to extend training) may change on resume"
         )
 
 

@@ -129,6 +129,7 @@ RESUME_MAY_CHANGE = (
     "data.root",
     "data.num_workers",
     "model.pretrained",  # a path; a resumed run loads every weight from the checkpoint
+    "model.recompute",  # memory for compute: the same values
     "std.teacher",  # a path (the main job's lies under out, which may move)
     "optim.epochs",
     "eval",

@@ -67,7 +67,7 @@ def build_model_from_config(model_cfg: dict, num_classes: int) -> nn.Module:
         pretrained=model_cfg["pretrained"],
         **model_cfg["kwargs"],
     )
-    set_recompute(model, model_cfg["recompute"])
+    set_recompute(model, model_cfg.get("recompute", False))  # a checkpoint's config may predate the key
     return model
 
 
