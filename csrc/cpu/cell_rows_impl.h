@@ -1,9 +1,11 @@
 // The row loops themselves; included by one .cpp per instruction set, which defines
 // CPU_CAPABILITY (the namespace, as in ATen) before any ATen header.
 #include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
 
+#include <tuple>
 #include <type_traits>
 
 #include "../cell_math.h"
@@ -19,6 +21,26 @@ T* cast(void* p) {
 template <typename T>
 const T* cast(const void* p) {
   return static_cast<const T*>(p);
+}
+
+// bf16/fp16 rows: one Vectorized<scalar_t> of the compute dtype holds two float vectors (kW
+// elements), which the cell math runs on, as the scalar loop converts each element.
+using FVec = at::vec::Vectorized<float>;
+constexpr int64_t kW = 2 * FVec::size();
+
+template <typename T>
+void load2(const T* p, FVec (&out)[2]) {
+  static_assert(at::vec::Vectorized<T>::size() == kW);
+  std::tie(out[0], out[1]) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+}
+template <typename T>
+void store2(T* p, const FVec (&v)[2]) {
+  at::vec::convert_from_float<T>(v[0], v[1]).store(p);
+}
+// v rounded to T and back, as the scalar loop's static_cast<T> of a float.
+template <typename T>
+void round_to(FVec (&v)[2]) {
+  std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
 }
 
 template <typename scalar_t>
@@ -51,6 +73,33 @@ void fwd_typed(const FwdRowsArgs& a, int64_t r0, int64_t r1) {
         if (hp) {
           const Vec h = Vec::loadu(hp + s + j);
           (h + Vec(alpha) * (p.y - h)).store(hn + s + j);
+        }
+      }
+    } else {
+      for (; j + kW <= n; j += kW) {
+        FVec zi[2], zf[2], zo[2], zg[2], yv[2];
+        load2(zr + j, zi);
+        load2(zr + j + gs, zf);
+        load2(zr + j + 2 * gs, zo);
+        load2(zr + j + 3 * gs, zg);
+        for (int k = 0; k < 2; ++k) {
+          const int64_t o = s + j + k * FVec::size();
+          const auto p = cell_forward<FVec>(zi[k], zf[k], zo[k], zg[k], FVec::loadu(cp + o));
+          zi[k] = p.i, zf[k] = p.f, zo[k] = p.o, zg[k] = p.g, yv[k] = p.y;
+          p.c.store(cn + o);
+        }
+        store2(zr + j, zi);
+        store2(zr + j + gs, zf);
+        store2(zr + j + 2 * gs, zo);
+        store2(zr + j + 3 * gs, zg);
+        store2(y + s + j, yv);
+        if (hp) {
+          round_to<scalar_t>(yv);  // H aggregates y as stored
+          for (int k = 0; k < 2; ++k) {
+            const int64_t o = s + j + k * FVec::size();
+            const FVec h = FVec::loadu(hp + o);
+            (h + FVec(alpha) * (yv[k] - h)).store(hn + o);
+          }
         }
       }
     }
@@ -106,6 +155,30 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
         d.dc_prev.store(gcp + s + j);
         if (ghp) ((Vec(1) - va) * dh).store(ghp + s + j);
       }
+    } else {
+      const FVec zero(0), va(alpha);
+      for (; j + kW <= n; j += kW) {
+        FVec gi[2], gf[2], go[2], gg[2], dyv[2] = {zero, zero};
+        load2(gr + j, gi);
+        load2(gr + j + gs, gf);
+        load2(gr + j + 2 * gs, go);
+        load2(gr + j + 3 * gs, gg);
+        if (gy) load2(gy + s + j, dyv);
+        for (int k = 0; k < 2; ++k) {
+          const int64_t o = s + j + k * FVec::size();
+          const FVec dh = gh ? FVec::loadu(gh + o) : zero;
+          const auto d =
+              cell_backward<FVec>(gi[k], gf[k], go[k], gg[k], FVec::loadu(cp + o), dyv[k] + va * dh,
+                                  gc ? FVec::loadu(gc + o) : zero, has_dy);
+          gi[k] = d.dzi, gf[k] = d.dzf, go[k] = d.dzo, gg[k] = d.dzg;
+          d.dc_prev.store(gcp + o);
+          if (ghp) ((FVec(1) - va) * dh).store(ghp + o);
+        }
+        store2(gzr + j, gi);
+        store2(gzr + j + gs, gf);
+        store2(gzr + j + 2 * gs, go);
+        store2(gzr + j + 3 * gs, gg);
+      }
     }
     for (; j < n; ++j) {
       const acc_t dh = gh ? gh[s + j] : acc_t(0);
@@ -145,6 +218,25 @@ void eval_typed(const EvalRowsArgs& a, int64_t r0, int64_t r1) {
           zg += Vec::loadu(mr + j + 2 * gs);
         }
         cell_eval<Vec>(zi, zo, zg).store(yr + j);
+      }
+    } else {
+      for (; j + kW <= n; j += kW) {
+        FVec zi[2], zo[2], zg[2], yv[2];
+        load2(zr + j, zi);
+        load2(zr + j + gs, zo);
+        load2(zr + j + 2 * gs, zg);
+        if (mr) {  // added in the compute dtype, as the scalar loop
+          FVec mi[2], mo[2], mg[2];
+          load2(mr + j, mi);
+          load2(mr + j + gs, mo);
+          load2(mr + j + 2 * gs, mg);
+          for (int k = 0; k < 2; ++k) zi[k] += mi[k], zo[k] += mo[k], zg[k] += mg[k];
+          round_to<scalar_t>(zi);
+          round_to<scalar_t>(zo);
+          round_to<scalar_t>(zg);
+        }
+        for (int k = 0; k < 2; ++k) yv[k] = cell_eval<FVec>(zi[k], zo[k], zg[k]);
+        store2(yr + j, yv);
       }
     }
     for (; j < n; ++j) {
