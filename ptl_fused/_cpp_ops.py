@@ -46,19 +46,9 @@ def _(x, weight, bias, c_prev, stride, padding, fused_gemm=False, save_gates=Tru
 
 @torch.library.register_fake("ptl_fused::bconv_cell_v2_fwd")
 def _(
-    x,
-    weight,
-    bias,
-    weight_rec,
-    bias_rec,
-    c_prev,
-    h_prev,
-    h_alpha,
-    stride,
-    padding,
-    fused_gemm=False,
-    save_gates=True,
-):
+    x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding,
+    fused_gemm=False, save_gates=True,
+):  # fmt: skip
     y, c_new, gates, fmt = _fake_fwd_outputs(x, weight, c_prev, stride, padding, save_gates)
     return y, c_new, torch.empty_like(c_new), gates, _empty(x.shape, x, x.dtype, fmt)
 
@@ -106,33 +96,13 @@ def bconv_cell(x, weight, bias, c_prev, stride, padding, fused_gemm=False, recom
 
 
 def bconv_cell_v2(
-    x,
-    weight,
-    bias,
-    weight_rec,
-    bias_rec,
-    c_prev,
-    h_prev,
-    h_alpha,
-    stride,
-    padding,
-    fused_gemm=False,
-    recompute=False,
-):
+    x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding,
+    fused_gemm=False, recompute=False,
+):  # fmt: skip
     y, c_new, h_new, _, _ = ops.bconv_cell_v2_fwd(
-        x,
-        weight,
-        bias,
-        weight_rec,
-        bias_rec,
-        c_prev,
-        h_prev,
-        h_alpha,
-        stride,
-        padding,
-        fused_gemm,
-        not recompute,
-    )
+        x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding,
+        fused_gemm, not recompute,
+    )  # fmt: skip
     return y, c_new, h_new
 
 

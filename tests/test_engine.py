@@ -84,9 +84,8 @@ def digits_cfg(tmp_path: Path, *overrides: str) -> dict:
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_model_recompute_reaches_every_cell(recompute):
-    cfg = load_config(
-        None, ["model.arch=digits", "model.cell=v2", f"model.recompute={str(recompute).lower()}"]
-    )
+    overrides = ["model.arch=digits", "model.head=classification", "model.cell=v2"]
+    cfg = load_config(None, [*overrides, f"model.recompute={str(recompute).lower()}"])
     model = trainer.build_model_from_config(cfg["model"], 5)
     cells = [m for m in model.modules() if isinstance(m, (BConvCell, BConvCellV2))]
     assert cells and all(m.recompute is recompute for m in cells)
