@@ -23,29 +23,46 @@ const T* cast(const void* p) {
   return static_cast<const T*>(p);
 }
 
-// bf16/fp16 rows: one Vectorized<scalar_t> of the compute dtype holds two float vectors (kW
-// elements), which the cell math runs on, as the scalar loop converts each element.
-using FVec = at::vec::Vectorized<float>;
-constexpr int64_t kW = 2 * FVec::size();
+// A row's vector step: one Vectorized<scalar_t> as kVecs vectors of the accumulation type,
+// which the cell math runs on: one for float/double; two floats for bf16/fp16, converted as
+// the scalar loop converts each element.
+template <typename scalar_t>
+struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int kVecs = std::is_same_v<scalar_t, acc_t> ? 1 : 2;
+  static constexpr int64_t kWidth = kVecs * Vec::size();
+  static_assert(at::vec::Vectorized<scalar_t>::size() == kWidth);
 
-template <typename T>
-void load2(const T* p, FVec (&out)[2]) {
-  static_assert(at::vec::Vectorized<T>::size() == kW);
-  std::tie(out[0], out[1]) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-}
-template <typename T>
-void store2(T* p, const FVec (&v)[2]) {
-  at::vec::convert_from_float<T>(v[0], v[1]).store(p);
-}
-// v rounded to T and back, as the scalar loop's static_cast<T> of a float.
-template <typename T>
-void round_to(FVec (&v)[2]) {
-  std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
-}
+  static void load(const scalar_t* p, Vec (&v)[kVecs]) {
+    if constexpr (kVecs == 1) {
+      v[0] = Vec::loadu(p);
+    } else {
+      std::tie(v[0], v[1]) =
+          at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+    }
+  }
+  static void store(scalar_t* p, const Vec (&v)[kVecs]) {
+    if constexpr (kVecs == 1) {
+      v[0].store(p);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    }
+  }
+  // v rounded to scalar_t and back, as the scalar loop's static_cast<scalar_t>.
+  static void round(Vec (&v)[kVecs]) {
+    if constexpr (kVecs == 2) {
+      std::tie(v[0], v[1]) =
+          at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v[0], v[1]));
+    }
+  }
+};
 
 template <typename scalar_t>
 void fwd_typed(const FwdRowsArgs& a, int64_t r0, int64_t r1) {
   using acc_t = at::opmath_type<scalar_t>;
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
   scalar_t* z = cast<scalar_t>(a.z);
   scalar_t* y = cast<scalar_t>(a.y);
   const acc_t* cp = cast<acc_t>(a.c_prev);
@@ -58,48 +75,29 @@ void fwd_typed(const FwdRowsArgs& a, int64_t r0, int64_t r1) {
     scalar_t* zr = z + a.geo.gate_base(r);
     const int64_t s = r * n;
     int64_t j = 0;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {  // float/double: whole vectors first
-      using Vec = at::vec::Vectorized<acc_t>;
-      for (; j + Vec::size() <= n; j += Vec::size()) {
-        const auto p = cell_forward<Vec>(Vec::loadu(zr + j), Vec::loadu(zr + j + gs),
-                                         Vec::loadu(zr + j + 2 * gs), Vec::loadu(zr + j + 3 * gs),
-                                         Vec::loadu(cp + s + j));
-        p.i.store(zr + j);
-        p.f.store(zr + j + gs);
-        p.o.store(zr + j + 2 * gs);
-        p.g.store(zr + j + 3 * gs);
-        p.c.store(cn + s + j);
-        p.y.store(y + s + j);
-        if (hp) {
-          const Vec h = Vec::loadu(hp + s + j);
-          (h + Vec(alpha) * (p.y - h)).store(hn + s + j);
-        }
+    for (; j + L::kWidth <= n; j += L::kWidth) {
+      Vec zi[L::kVecs], zf[L::kVecs], zo[L::kVecs], zg[L::kVecs], yv[L::kVecs];
+      L::load(zr + j, zi);
+      L::load(zr + j + gs, zf);
+      L::load(zr + j + 2 * gs, zo);
+      L::load(zr + j + 3 * gs, zg);
+      for (int k = 0; k < L::kVecs; ++k) {
+        const int64_t o = s + j + k * Vec::size();
+        const auto p = cell_forward<Vec>(zi[k], zf[k], zo[k], zg[k], Vec::loadu(cp + o));
+        zi[k] = p.i, zf[k] = p.f, zo[k] = p.o, zg[k] = p.g, yv[k] = p.y;
+        p.c.store(cn + o);
       }
-    } else {
-      for (; j + kW <= n; j += kW) {
-        FVec zi[2], zf[2], zo[2], zg[2], yv[2];
-        load2(zr + j, zi);
-        load2(zr + j + gs, zf);
-        load2(zr + j + 2 * gs, zo);
-        load2(zr + j + 3 * gs, zg);
-        for (int k = 0; k < 2; ++k) {
-          const int64_t o = s + j + k * FVec::size();
-          const auto p = cell_forward<FVec>(zi[k], zf[k], zo[k], zg[k], FVec::loadu(cp + o));
-          zi[k] = p.i, zf[k] = p.f, zo[k] = p.o, zg[k] = p.g, yv[k] = p.y;
-          p.c.store(cn + o);
-        }
-        store2(zr + j, zi);
-        store2(zr + j + gs, zf);
-        store2(zr + j + 2 * gs, zo);
-        store2(zr + j + 3 * gs, zg);
-        store2(y + s + j, yv);
-        if (hp) {
-          round_to<scalar_t>(yv);  // H aggregates y as stored
-          for (int k = 0; k < 2; ++k) {
-            const int64_t o = s + j + k * FVec::size();
-            const FVec h = FVec::loadu(hp + o);
-            (h + FVec(alpha) * (yv[k] - h)).store(hn + o);
-          }
+      L::store(zr + j, zi);
+      L::store(zr + j + gs, zf);
+      L::store(zr + j + 2 * gs, zo);
+      L::store(zr + j + 3 * gs, zg);
+      L::store(y + s + j, yv);
+      if (hp) {
+        L::round(yv);  // H aggregates y as stored
+        for (int k = 0; k < L::kVecs; ++k) {
+          const int64_t o = s + j + k * Vec::size();
+          const Vec h = Vec::loadu(hp + o);
+          (h + Vec(alpha) * (yv[k] - h)).store(hn + o);
         }
       }
     }
@@ -121,6 +119,8 @@ void fwd_typed(const FwdRowsArgs& a, int64_t r0, int64_t r1) {
 template <typename scalar_t>
 void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
   using acc_t = at::opmath_type<scalar_t>;
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
   const scalar_t* gates = cast<scalar_t>(a.gates);
   scalar_t* gz = cast<scalar_t>(a.grad_z);
   const acc_t* cp = cast<acc_t>(a.c_prev);
@@ -132,53 +132,37 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
   const acc_t alpha = static_cast<acc_t>(a.alpha);
   const bool has_dy = gy || gh;  // does any gradient reach y?
   const int64_t n = a.geo.inner, gs = a.geo.gate_stride;
+  const Vec zero(0), va(alpha);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t g0 = a.geo.gate_base(r);
     const scalar_t* gr = gates + g0;
     scalar_t* gzr = gz + g0;
     const int64_t s = r * n;
     int64_t j = 0;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      using Vec = at::vec::Vectorized<acc_t>;
-      const Vec zero(0), va(alpha);
-      for (; j + Vec::size() <= n; j += Vec::size()) {
-        const Vec dh = gh ? Vec::loadu(gh + s + j) : zero;
-        const Vec dy = (gy ? Vec::loadu(gy + s + j) : zero) + va * dh;
-        const auto d = cell_backward<Vec>(Vec::loadu(gr + j), Vec::loadu(gr + j + gs),
-                                          Vec::loadu(gr + j + 2 * gs), Vec::loadu(gr + j + 3 * gs),
-                                          Vec::loadu(cp + s + j), dy,
-                                          gc ? Vec::loadu(gc + s + j) : zero, has_dy);
-        d.dzi.store(gzr + j);
-        d.dzf.store(gzr + j + gs);
-        d.dzo.store(gzr + j + 2 * gs);
-        d.dzg.store(gzr + j + 3 * gs);
-        d.dc_prev.store(gcp + s + j);
-        if (ghp) ((Vec(1) - va) * dh).store(ghp + s + j);
+    for (; j + L::kWidth <= n; j += L::kWidth) {
+      Vec gi[L::kVecs], gf[L::kVecs], go[L::kVecs], gg[L::kVecs], dyv[L::kVecs];
+      L::load(gr + j, gi);
+      L::load(gr + j + gs, gf);
+      L::load(gr + j + 2 * gs, go);
+      L::load(gr + j + 3 * gs, gg);
+      if (gy) {
+        L::load(gy + s + j, dyv);
+      } else {
+        for (auto& v : dyv) v = zero;
       }
-    } else {
-      const FVec zero(0), va(alpha);
-      for (; j + kW <= n; j += kW) {
-        FVec gi[2], gf[2], go[2], gg[2], dyv[2] = {zero, zero};
-        load2(gr + j, gi);
-        load2(gr + j + gs, gf);
-        load2(gr + j + 2 * gs, go);
-        load2(gr + j + 3 * gs, gg);
-        if (gy) load2(gy + s + j, dyv);
-        for (int k = 0; k < 2; ++k) {
-          const int64_t o = s + j + k * FVec::size();
-          const FVec dh = gh ? FVec::loadu(gh + o) : zero;
-          const auto d =
-              cell_backward<FVec>(gi[k], gf[k], go[k], gg[k], FVec::loadu(cp + o), dyv[k] + va * dh,
-                                  gc ? FVec::loadu(gc + o) : zero, has_dy);
-          gi[k] = d.dzi, gf[k] = d.dzf, go[k] = d.dzo, gg[k] = d.dzg;
-          d.dc_prev.store(gcp + o);
-          if (ghp) ((FVec(1) - va) * dh).store(ghp + o);
-        }
-        store2(gzr + j, gi);
-        store2(gzr + j + gs, gf);
-        store2(gzr + j + 2 * gs, go);
-        store2(gzr + j + 3 * gs, gg);
+      for (int k = 0; k < L::kVecs; ++k) {
+        const int64_t o = s + j + k * Vec::size();
+        const Vec dh = gh ? Vec::loadu(gh + o) : zero;
+        const auto d = cell_backward<Vec>(gi[k], gf[k], go[k], gg[k], Vec::loadu(cp + o),
+                                          dyv[k] + va * dh, gc ? Vec::loadu(gc + o) : zero, has_dy);
+        gi[k] = d.dzi, gf[k] = d.dzf, go[k] = d.dzo, gg[k] = d.dzg;
+        d.dc_prev.store(gcp + o);
+        if (ghp) ((Vec(1) - va) * dh).store(ghp + o);
       }
+      L::store(gzr + j, gi);
+      L::store(gzr + j + gs, gf);
+      L::store(gzr + j + 2 * gs, go);
+      L::store(gzr + j + 3 * gs, gg);
     }
     for (; j < n; ++j) {
       const acc_t dh = gh ? gh[s + j] : acc_t(0);
@@ -198,6 +182,8 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
 template <typename scalar_t>
 void eval_typed(const EvalRowsArgs& a, int64_t r0, int64_t r1) {
   using acc_t = at::opmath_type<scalar_t>;
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
   const scalar_t* z = cast<scalar_t>(a.z);
   const scalar_t* map = cast<scalar_t>(a.gate_map);
   scalar_t* y = cast<scalar_t>(a.y);
@@ -208,36 +194,23 @@ void eval_typed(const EvalRowsArgs& a, int64_t r0, int64_t r1) {
     const scalar_t* mr = map ? map + g0 % a.sample : nullptr;
     scalar_t* yr = y + r * n;
     int64_t j = 0;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      using Vec = at::vec::Vectorized<acc_t>;
-      for (; j + Vec::size() <= n; j += Vec::size()) {
-        Vec zi = Vec::loadu(zr + j), zo = Vec::loadu(zr + j + gs), zg = Vec::loadu(zr + j + 2 * gs);
-        if (mr) {
-          zi += Vec::loadu(mr + j);
-          zo += Vec::loadu(mr + j + gs);
-          zg += Vec::loadu(mr + j + 2 * gs);
-        }
-        cell_eval<Vec>(zi, zo, zg).store(yr + j);
+    for (; j + L::kWidth <= n; j += L::kWidth) {
+      Vec zi[L::kVecs], zo[L::kVecs], zg[L::kVecs], yv[L::kVecs];
+      L::load(zr + j, zi);
+      L::load(zr + j + gs, zo);
+      L::load(zr + j + 2 * gs, zg);
+      if (mr) {  // added in the compute dtype, as the scalar loop
+        Vec mi[L::kVecs], mo[L::kVecs], mg[L::kVecs];
+        L::load(mr + j, mi);
+        L::load(mr + j + gs, mo);
+        L::load(mr + j + 2 * gs, mg);
+        for (int k = 0; k < L::kVecs; ++k) zi[k] += mi[k], zo[k] += mo[k], zg[k] += mg[k];
+        L::round(zi);
+        L::round(zo);
+        L::round(zg);
       }
-    } else {
-      for (; j + kW <= n; j += kW) {
-        FVec zi[2], zo[2], zg[2], yv[2];
-        load2(zr + j, zi);
-        load2(zr + j + gs, zo);
-        load2(zr + j + 2 * gs, zg);
-        if (mr) {  // added in the compute dtype, as the scalar loop
-          FVec mi[2], mo[2], mg[2];
-          load2(mr + j, mi);
-          load2(mr + j + gs, mo);
-          load2(mr + j + 2 * gs, mg);
-          for (int k = 0; k < 2; ++k) zi[k] += mi[k], zo[k] += mo[k], zg[k] += mg[k];
-          round_to<scalar_t>(zi);
-          round_to<scalar_t>(zo);
-          round_to<scalar_t>(zg);
-        }
-        for (int k = 0; k < 2; ++k) yv[k] = cell_eval<FVec>(zi[k], zo[k], zg[k]);
-        store2(yr + j, yv);
-      }
+      for (int k = 0; k < L::kVecs; ++k) yv[k] = cell_eval<Vec>(zi[k], zo[k], zg[k]);
+      L::store(yr + j, yv);
     }
     for (; j < n; ++j) {
       // The map is added in the compute dtype, as the reference adds it to the conv output.
