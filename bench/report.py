@@ -196,8 +196,10 @@ def _recompute(by_group: dict[str, dict[str, dict]]) -> list[str]:
     out = []
     for group, impls in by_group.items():
         eager = impls.get("eager")
+        if eager is None:
+            continue
         for impl, b in impls.items():
-            if not impl.endswith("+recompute") or eager is None:
+            if not impl.endswith("+recompute"):
                 continue
             saving = impls.get(impl.removesuffix("+recompute"))
             e, r = eager["extra_info"], b["extra_info"]

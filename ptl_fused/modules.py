@@ -177,7 +177,8 @@ class BConvCell(_BConvCellBase):
     Parameters: weight (4·Cout, Cin, k, k), gates ordered input, forget, output, cell;
     bias (4·Cout) or None.
     recompute=True: training keeps no (B, 4·Cout, Ho, Wo) gates for backward, which computes
-    them again (one more gate convolution); the same values and gradients.
+    them again (one more gate convolution); the same values and gradients (on a GPU to
+    rounding: Triton may tune the recomputing kernel to other tiles).
     """
 
     def __init__(
