@@ -41,20 +41,21 @@ void check_cell_inputs(const Tensor& x, const Tensor& weight, const OptTensor& b
   check_device("c_prev", c_prev, x);
 }
 
-// Allocates the outputs in layout `fmt` for gate tensor `z` (B, 4C, Ho, Wo); run_fwd then
-// runs the epilogue, which overwrites the pre-activations in z with the activated gates, or
-// the fused kernel, which writes the gates into z.
-FwdEpilogueArgs fwd_outputs(const Tensor& z, const Tensor& c_prev, const Tensor& h_prev,
-                            const Tensor& h_alpha, c10::MemoryFormat fmt) {
-  const auto c = z.size(1) / 4;
-  const std::vector<int64_t> shape = {z.size(0), c, z.size(2), z.size(3)};
+// Allocates the outputs in layout `fmt` for gates of shape `gate_shape` (B, 4C, Ho, Wo);
+// run_fwd then runs the epilogue, which overwrites the pre-activations in z with the
+// activated gates, or the fused kernel, which writes the gates into z (either only where
+// they are saved).
+FwdEpilogueArgs fwd_outputs(at::IntArrayRef gate_shape, const at::TensorOptions& options,
+                            const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
+                            c10::MemoryFormat fmt) {
+  const std::vector<int64_t> shape = {gate_shape[0], gate_shape[1] / 4, gate_shape[2],
+                                      gate_shape[3]};
   TORCH_CHECK(c_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: c_prev must be ",
               at::IntArrayRef(shape), ", got ", c_prev.sizes());
   FwdEpilogueArgs a;
   a.channels_last = fmt == c10::MemoryFormat::ChannelsLast;
-  a.z = z;
   a.c_prev = c_prev.contiguous(fmt);
-  a.y = at::empty(shape, z.options().memory_format(fmt));
+  a.y = at::empty(shape, options.memory_format(fmt));
   a.c_new = at::empty(shape, c_prev.options().memory_format(fmt));
   if (h_prev.defined()) {
     TORCH_CHECK(h_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: h_prev must be ",
@@ -102,15 +103,18 @@ std::vector<int64_t> recovery_output_padding(const Tensor& x, int64_t k, int64_t
 namespace {
 
 // Z = conv(x (, x_rec)) and the cell: through ATen + epilogue, or the fused kernel.
-FwdEpilogueArgs run_fwd(FwdEpilogue epilogue, FusedFwd fused, bool fused_gemm, const GemmArgs& g,
-                        const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha) {
+FwdEpilogueArgs run_fwd(FwdEpilogue epilogue, FusedFwd fused, bool fused_gemm, bool save_gates,
+                        const GemmArgs& g, const Tensor& c_prev, const Tensor& h_prev,
+                        const Tensor& h_alpha) {
   const auto fmt = g.x.suggest_memory_format();
   if (fused_gemm) {
     check_fused(fused != nullptr, g.x);
-    const Tensor gates = at::empty(conv_out_shape(g.x, g.weight, g.stride, g.padding),
-                                   g.x.options().memory_format(fmt));
-    auto a = fwd_outputs(gates, c_prev, h_prev, h_alpha, fmt);
-    if (gates.numel() > 0) fused(g, a);
+    const auto shape = conv_out_shape(g.x, g.weight, g.stride, g.padding);
+    auto a = fwd_outputs(shape, g.x.options(), c_prev, h_prev, h_alpha, fmt);
+    a.save_gates = save_gates;
+    // Unsaved gates never reach memory: the (B, 4·Cout, Ho, Wo) buffer is not allocated.
+    if (save_gates) a.z = at::empty(shape, g.x.options().memory_format(fmt));
+    if (a.y.numel() > 0) fused(g, a);
     return a;
   }
   const Tensor input = g.x_rec.defined() ? at::cat({g.x, g.x_rec}, 1) : g.x;
@@ -118,7 +122,9 @@ FwdEpilogueArgs run_fwd(FwdEpilogue epilogue, FusedFwd fused, bool fused_gemm, c
   Tensor z = at::convolution(input, g.weight, bias, {g.stride, g.stride}, {g.padding, g.padding},
                              {1, 1}, false, {0, 0}, 1)
                  .contiguous(fmt);
-  auto a = fwd_outputs(z, c_prev, h_prev, h_alpha, fmt);
+  auto a = fwd_outputs(z.sizes(), z.options(), c_prev, h_prev, h_alpha, fmt);
+  a.z = z;
+  a.save_gates = save_gates;
   if (z.numel() > 0) epilogue(a);
   return a;
 }
@@ -128,8 +134,8 @@ Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? t->contiguo
 
 // The gates output: (0,) when the caller keeps none (backward recomputes them, or there is no
 // backward), so autograd never holds the (B, 4·Cout, Ho, Wo) buffer.
-Tensor gates_out(const Tensor& gates, bool save_gates) {
-  return save_gates ? gates : at::empty({0}, gates.options());
+Tensor gates_out(const FwdEpilogueArgs& a) {
+  return a.save_gates ? a.z : at::empty({0}, a.y.options());
 }
 
 }  // namespace
@@ -141,8 +147,8 @@ std::tuple<Tensor, Tensor, Tensor> bconv_cell_fwd(FwdEpilogue epilogue, FusedFwd
                                                   bool save_gates) {
   check_cell_inputs(x, weight, bias, c_prev, 1, stride, padding);
   const GemmArgs g{x, Tensor(), weight, defined_or_empty(bias), stride, padding};
-  const auto a = run_fwd(epilogue, fused, fused_gemm, g, c_prev, {}, {});
-  return {a.y, a.c_new, gates_out(a.z, save_gates)};
+  const auto a = run_fwd(epilogue, fused, fused_gemm, save_gates, g, c_prev, {}, {});
+  return {a.y, a.c_new, gates_out(a)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
@@ -165,8 +171,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_cell_v2_fwd(
                                  recovery_output_padding(x, k, stride, padding), 1)
                      .contiguous(fmt);
   const GemmArgs g{x, x_rec, weight, defined_or_empty(bias), stride, padding};
-  const auto a = run_fwd(epilogue, fused, fused_gemm, g, c_prev, h_prev, alpha_on(h_alpha, c_prev));
-  return {a.y, a.c_new, a.h_new, gates_out(a.z, save_gates), x_rec};
+  const auto a = run_fwd(epilogue, fused, fused_gemm, save_gates, g, c_prev, h_prev,
+                         alpha_on(h_alpha, c_prev));
+  return {a.y, a.c_new, a.h_new, gates_out(a), x_rec};
 }
 
 Tensor bconv_cell_eval(EvalEpilogue epilogue, FusedEval fused, const Tensor& x,

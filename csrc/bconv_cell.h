@@ -31,6 +31,9 @@ struct FwdEpilogueArgs {
   Tensor c_prev, h_prev, h_alpha;
   Tensor y, c_new, h_new;  // outputs
   bool channels_last;
+  // false: nobody keeps the gates (no backward, or one that recomputes them), so the
+  // epilogue leaves z as it is and the fused kernel gets no z (undefined) to write them to.
+  bool save_gates = true;
 };
 
 struct BwdEpilogueArgs {
@@ -49,8 +52,8 @@ struct EvalEpilogueArgs {
 
 // The convolution of the fused implicit-GEMM forward: Z = conv(x, weight[:, :Cin]) (+ for
 // v2 conv(x_rec, weight[:, Cin:]), the concatenation never built) + bias. The epilogue args
-// then name the outputs: FwdEpilogueArgs.z receives the activated gates (not read);
-// EvalEpilogueArgs.z is unused.
+// then name the outputs: FwdEpilogueArgs.z receives the activated gates (not read; undefined
+// when they are not saved); EvalEpilogueArgs.z is unused.
 struct GemmArgs {
   Tensor x, x_rec, weight, bias;  // x_rec, bias: undefined when absent
   int64_t stride, padding;

@@ -61,6 +61,13 @@ def first_order(backward: Callable) -> Callable:
     return wrapper
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a forward on these inputs has a backward to come: where not, a fused forward
+    saves no gates (save_gates=False), so none are written, and ptl_fused.ops may take the
+    eval shortcut, which has no backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _as_saved(x) -> torch.autocast:
     """Autocast off for a recompute: its inputs were saved as the first run got them (already
     cast), and a backward called under autocast would cast them again (the C++ ops' Autocast

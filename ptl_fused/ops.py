@@ -20,11 +20,8 @@ from torch._C._functorch import TransformType, get_interpreter_stack
 from python_ref import eval_gate_rows, state_dtype
 
 from . import backends
+from ._autograd import needs_grad
 from ._validate import check_cell_inputs, check_eval_inputs, check_recompute, check_v2_inputs
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def exporting() -> bool:
@@ -92,7 +89,7 @@ def bconv_cell(
     run = dict(recompute=True) if recompute and chosen else {}
     if c_prev is not None:
         return impl.bconv_cell(x, weight, bias, c_prev, stride, padding, **run)
-    if _needs_grad(x, weight, bias) and not exporting():  # the shortcut has no backward
+    if needs_grad(x, weight, bias) and not exporting():  # the shortcut has no backward
         c0 = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
         return impl.bconv_cell(x, weight, bias, c0, stride, padding, **run)[0], None
     rows_bias = None if bias is None else eval_gate_rows(bias)
@@ -136,7 +133,7 @@ def bconv_cell_v2(
     impl, chosen = _resolve(backend, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
     inference = c_prev is None
     if inference:
-        if not _needs_grad(x, weight, bias, weight_rec, bias_rec) or exporting():
+        if not needs_grad(x, weight, bias, weight_rec, bias_rec) or exporting():
             w3, b3, m = v2_eval_params(weight, bias, bias_rec, x.shape[-2:], stride, padding)
             return impl.bconv_cell_eval(x, w3, b3, m, stride, padding), None, None
         c_prev = h_prev = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
@@ -190,7 +187,7 @@ def bconv_cell_eval(
     Forward only: for when no input needs a gradient (bconv_cell(..., c_prev=None) takes it
     then, and the full cell from zeros otherwise)."""
     check_eval_inputs(x, weight3, bias3, gate_map, stride, padding)
-    if _needs_grad(x, weight3, bias3, gate_map):
+    if needs_grad(x, weight3, bias3, gate_map):
         raise RuntimeError(
             "bconv_cell_eval has no backward; use bconv_cell(..., c_prev=None) when a gradient is needed"
         )

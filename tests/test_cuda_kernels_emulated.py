@@ -108,7 +108,7 @@ def _reference(a: dict, case, v2: bool):
     return (*outs, _gates(a, case, v2))
 
 
-def _emulated_forward(a: dict, case, v2: bool, channels_last: bool):
+def _emulated_forward(a: dict, case, v2: bool, channels_last: bool, save_gates: bool = True):
     dtype, sdt = a["x"].dtype, a["c_prev"].dtype
     b, cout = a["x"].shape[0], a["weight"].shape[0] // 4
     state_shape = (b, cout, *case.out_hw)
@@ -116,7 +116,7 @@ def _emulated_forward(a: dict, case, v2: bool, channels_last: bool):
         "y": _guarded(state_shape, dtype, channels_last),
         "c_new": _guarded(state_shape, sdt, channels_last),
         "h_new": _guarded(state_shape, sdt, channels_last) if v2 else None,
-        "gates": _guarded((b, 4 * cout, *case.out_hw), dtype, channels_last),
+        "gates": _guarded((b, 4 * cout, *case.out_hw), dtype, channels_last) if save_gates else None,
     }
     cin = a["x"].shape[1]
     emulated().fwd(
@@ -190,6 +190,20 @@ def test_emulated_forward_channels_last_weight(dtype):
     a["weight"] = a["weight"].contiguous(memory_format=torch.channels_last)
     for r, got in zip(ref, _emulated_forward(a, case, False, True), strict=True):
         assert torch.equal(r, got)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_forward_without_gates_gives_the_same_cell(dtype, case, v2, channels_last):
+    """save_gates=False (no backward, or a recomputing one): no gate tensor is passed at all
+    (a write to it would be a null pointer), and y, C_b (, H_b) are the saving run's bits."""
+    a = _cast(make_inputs(case, v2), dtype)
+    saving = _emulated_forward(a, case, v2, channels_last)[:-1]
+    unsaved = _emulated_forward(a, case, v2, channels_last, save_gates=False)
+    for name, got, want in zip(["y", "c_new", "h_new"][: len(saving)], unsaved, saving, strict=True):
+        assert torch.equal(got, want), f"{case} {name}"
 
 
 def _zero_state(a: dict) -> dict:
@@ -273,7 +287,8 @@ def _cell_from_z(z, c_prev, h_prev, alpha):
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("shape", EPILOGUE_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_forward_epilogue(dtype, shape, v2, channels_last, offset):
+@pytest.mark.parametrize("save_gates", [True, False], ids=["save", "nosave"])
+def test_emulated_forward_epilogue(dtype, shape, v2, channels_last, offset, save_gates):
     g = torch.Generator().manual_seed(0)
     b, c, h, w = shape
     sdt, alpha = state_dtype(dtype), 0.3
@@ -287,13 +302,16 @@ def test_emulated_forward_epilogue(dtype, shape, v2, channels_last, offset):
     z_inout = z.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     emulated().epilogue_fwd(
         z_inout, c_prev, h_prev, torch.tensor([alpha], dtype=sdt) if v2 else None,
-        y[0], c_new[0], h_new[0] if v2 else None, channels_last,
+        y[0], c_new[0], h_new[0] if v2 else None, channels_last, save_gates,
     )  # fmt: skip
     got = [_written_exactly(n, o) for n, o in (("y", y), ("c_new", c_new), ("h_new", h_new)) if o]
-    got.append(z_inout)  # the gates are written over z
-    for name, gt, e, o in zip(
-        ["y", "c_new", "h_new", "gates"] if v2 else ["y", "c_new", "gates"], got, eager, oracle, strict=True
-    ):
+    if save_gates:
+        got.append(z_inout)  # the gates are written over z
+    else:
+        assert torch.equal(z_inout, z), "unsaved gates: z must be left as it is"
+        eager, oracle = eager[:-1], oracle[:-1]
+    names = ["y", "c_new", "h_new", "gates"] if v2 else ["y", "c_new", "gates"]
+    for name, gt, e, o in zip(names[: len(got)], got, eager, oracle, strict=True):
         assert_matches_oracle(f"{shape} {name}", gt, e, o, dtype)
 
 

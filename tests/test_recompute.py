@@ -7,11 +7,13 @@ alone, and on the CPU the values are bit for bit those of the saving path.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptl_fused
 
@@ -92,6 +94,44 @@ def test_recomputing_keeps_only_the_inputs(backend, device, v2):
     assert sum(others(False).values()) >= gate_bytes
     # Recomputing: the inputs, and at most v2's h_alpha made a one-element device tensor.
     assert all(n <= 8 for n in others(True).values()), others(True)
+
+
+class _GatesOfForwardOps(TorchDispatchMode):
+    """The gates output of every fused forward op run inside it (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gates: list[Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.name()
+        if name.startswith("ptl_fused::") and name.endswith("_fwd"):
+            self.gates.append(out[3 if "v2" in name else 2])
+        return out
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+def test_a_forward_without_backward_writes_no_gates(backend, device, v2):
+    # No backward to come (torch.no_grad, or no input requiring grad, e.g. a frozen cell on
+    # detached features): the fused forward is asked for no gates, so none are allocated
+    # (cuda_igemm) or stored (the epilogues). With a backward to come it saves them.
+    case = CASES[0]
+    master = make_inputs(case, v2)
+    b, cout, (ho, wo) = case.batch, case.cout, case.out_hw
+    runs = {
+        "no_grad": (torch.no_grad(), True),
+        "frozen": (contextlib.nullcontext(), False),
+        "training": (contextlib.nullcontext(), True),
+    }
+    for name, (context, requires_grad) in runs.items():
+        args = cast_inputs(master, torch.float32, device, requires_grad=requires_grad)
+        with context, _GatesOfForwardOps() as seen:
+            call(backend, args, case, v2)
+        assert len(seen.gates) == 1, name
+        want = (b, 4 * cout, ho, wo) if name == "training" else (0,)
+        assert tuple(seen.gates[0].shape) == want, name
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])

@@ -69,7 +69,8 @@ void fwd_epilogue_cpu(const FwdEpilogueArgs& a) {
                      ptr(a.c_new),
                      ptr(a.h_prev),
                      ptr(a.h_new),
-                     a.h_prev.defined() ? alpha_of(a.h_alpha) : 0.0};
+                     a.h_prev.defined() ? alpha_of(a.h_alpha) : 0.0,
+                     a.save_gates};
   run_rows(a.c_prev, a.z.scalar_type(), r, row_kernels().fwd);
 }
 

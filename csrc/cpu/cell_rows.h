@@ -32,6 +32,7 @@ struct FwdRowsArgs {
   const void* h_prev;
   void* h_new;
   double alpha;
+  bool save_gates;  // false: z is left as it is (the activated gates are not kept)
 };
 
 struct BwdRowsArgs {

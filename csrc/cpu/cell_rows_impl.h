@@ -87,10 +87,12 @@ void fwd_typed(const FwdRowsArgs& a, int64_t r0, int64_t r1) {
         zi[k] = p.i, zf[k] = p.f, zo[k] = p.o, zg[k] = p.g, yv[k] = p.y;
         p.c.store(cn + o);
       }
-      L::store(zr + j, zi);
-      L::store(zr + j + gs, zf);
-      L::store(zr + j + 2 * gs, zo);
-      L::store(zr + j + 3 * gs, zg);
+      if (a.save_gates) {
+        L::store(zr + j, zi);
+        L::store(zr + j + gs, zf);
+        L::store(zr + j + 2 * gs, zo);
+        L::store(zr + j + 3 * gs, zg);
+      }
       L::store(y + s + j, yv);
       if (hp) {
         L::round(yv);  // H aggregates y as stored
@@ -104,10 +106,12 @@ void fwd_typed(const FwdRowsArgs& a, int64_t r0, int64_t r1) {
     for (; j < n; ++j) {
       const auto p =
           cell_forward<acc_t>(zr[j], zr[j + gs], zr[j + 2 * gs], zr[j + 3 * gs], cp[s + j]);
-      zr[j] = p.i;
-      zr[j + gs] = p.f;
-      zr[j + 2 * gs] = p.o;
-      zr[j + 3 * gs] = p.g;
+      if (a.save_gates) {
+        zr[j] = p.i;
+        zr[j + gs] = p.f;
+        zr[j + 2 * gs] = p.o;
+        zr[j + 3 * gs] = p.g;
+      }
       cn[s + j] = p.c;
       const scalar_t yv = static_cast<scalar_t>(p.y);
       y[s + j] = yv;

@@ -55,7 +55,7 @@ T* ptr_or_null(const Tensor& t) {
        q += int64_t(gridDim.x) * blockDim.x)
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void fwd_kernel(int64_t n, GateIndex gi, scalar_t* __restrict__ z,
+__global__ void fwd_kernel(int64_t n, GateIndex gi, scalar_t* __restrict__ z, bool save_gates,
                            const acc_t* __restrict__ cp, const acc_t* __restrict__ hp,
                            const acc_t* __restrict__ alpha, scalar_t* __restrict__ y,
                            acc_t* __restrict__ cn, acc_t* __restrict__ hn) {
@@ -81,10 +81,12 @@ __global__ void fwd_kernel(int64_t n, GateIndex gi, scalar_t* __restrict__ z,
       yv.v[j] = static_cast<scalar_t>(c.y);
       if (hp) h1.v[j] = h0.v[j] + a * (static_cast<acc_t>(yv.v[j]) - h0.v[j]);
     }
-    store_vec(zp, zi);
-    store_vec(zp + gs, zf);
-    store_vec(zp + 2 * gs, zo);
-    store_vec(zp + 3 * gs, zg);
+    if (save_gates) {  // unsaved, z is dropped: its 4 stores are half the kernel's writes
+      store_vec(zp, zi);
+      store_vec(zp + gs, zf);
+      store_vec(zp + 2 * gs, zo);
+      store_vec(zp + 3 * gs, zg);
+    }
     store_vec(cn + p, c1);
     store_vec(y + p, yv);
     if (hp) store_vec(hn + p, h1);
@@ -189,7 +191,7 @@ void run_fwd_epilogue(const FwdEpilogueArgs& a) {
             gi, {a.z, a.c_prev, a.h_prev, a.y, a.c_new, a.h_new}, [&](auto vec) {
               constexpr int V = decltype(vec)::value;
               Launcher::launch(fwd_kernel<scalar_t, acc_t, V>, n / V, n, gi,
-                               a.z.data_ptr<scalar_t>(), a.c_prev.data_ptr<acc_t>(),
+                               a.z.data_ptr<scalar_t>(), a.save_gates, a.c_prev.data_ptr<acc_t>(),
                                ptr_or_null<acc_t>(a.h_prev), ptr_or_null<acc_t>(a.h_alpha),
                                a.y.data_ptr<scalar_t>(), a.c_new.data_ptr<acc_t>(),
                                ptr_or_null<acc_t>(a.h_new));

@@ -84,7 +84,7 @@ struct Params {
   T* y;
   A* c_new;
   A* h_new;
-  T* gates;  // training: the activated gates (B, 4·Cout, Ho, Wo)
+  T* gates;  // training: the activated gates (B, 4·Cout, Ho, Wo), or null (not saved)
   Strides4 sg;
   Strides4 ss;  // every state-shaped tensor: y, c_prev, c_new, h_prev, h_new
   int64_t Cout, Ho, Wo, M;
@@ -417,12 +417,14 @@ __device__ void cell_point(const Params<T, A>& p, const PointRow& px, int64_t n,
       const A h0 = p.h_prev[s];
       p.h_new[s] = h0 + *p.alpha * (static_cast<A>(y) - h0);
     }
-    const int64_t g = px.g + n * p.sg.c;
-    const int64_t gs = p.Cout * p.sg.c;
-    p.gates[g] = static_cast<T>(c.i);
-    p.gates[g + gs] = static_cast<T>(c.f);
-    p.gates[g + 2 * gs] = static_cast<T>(c.o);
-    p.gates[g + 3 * gs] = static_cast<T>(c.g);
+    if (p.gates) {  // null: not saved (no backward, or one that recomputes them)
+      const int64_t g = px.g + n * p.sg.c;
+      const int64_t gs = p.Cout * p.sg.c;
+      p.gates[g] = static_cast<T>(c.i);
+      p.gates[g + gs] = static_cast<T>(c.f);
+      p.gates[g + 2 * gs] = static_cast<T>(c.o);
+      p.gates[g + 3 * gs] = static_cast<T>(c.g);
+    }
   }
 }
 
@@ -562,8 +564,10 @@ Params<T, A> fwd_params(const GemmArgs& g, const Tensor& w, const FwdEpilogueArg
   p.h_prev = ptr_or_null<A>(a.h_prev);
   p.h_new = ptr_or_null<A>(a.h_new);
   p.alpha = ptr_or_null<A>(a.h_alpha);
-  p.gates = a.z.data_ptr<T>();
-  p.sg = strides_of(a.z);
+  if (a.z.defined()) {
+    p.gates = a.z.data_ptr<T>();
+    p.sg = strides_of(a.z);
+  }
   return p;
 }
 

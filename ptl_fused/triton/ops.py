@@ -20,7 +20,7 @@ from torch._prims_common import suggest_memory_format
 
 from python_ref import conv_output_size
 
-from .._autograd import cell_backward, cell_v2_backward, setup_cell, setup_cell_v2
+from .._autograd import cell_backward, cell_v2_backward, needs_grad, setup_cell, setup_cell_v2
 from .backward import bconv_cell_bwd_kernel
 from .forward import INTERPRET, bconv_cell_fwd_kernel
 from .recovery import recovery_kernel
@@ -322,12 +322,8 @@ def _autocast(device_type: str, *tensors):
     return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def bconv_cell(x, weight, bias, c_prev, stride, padding, recompute=False):
-    save = _needs_grad(x, weight, bias, c_prev) and not recompute
+    save = needs_grad(x, weight, bias, c_prev) and not recompute
     x, weight, bias = _autocast(x.device.type, x, weight, bias)
     y, c_new, _ = bconv_cell_fwd(x, weight, bias, c_prev, stride, padding, save)
     return y, c_new
@@ -336,7 +332,7 @@ def bconv_cell(x, weight, bias, c_prev, stride, padding, recompute=False):
 def bconv_cell_v2(
     x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, recompute=False
 ):
-    save = _needs_grad(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev) and not recompute
+    save = needs_grad(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev) and not recompute
     x, weight, bias, weight_rec, bias_rec = _autocast(x.device.type, x, weight, bias, weight_rec, bias_rec)
     y, c_new, h_new, _, _ = bconv_cell_v2_fwd(
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, save

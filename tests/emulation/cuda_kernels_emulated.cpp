@@ -40,10 +40,11 @@ void fwd(const at::Tensor& x, const OptTensor& x_rec, const at::Tensor& weight,
          const OptTensor& bias, const at::Tensor& c_prev, const OptTensor& h_prev,
          const OptTensor& alpha, int64_t stride, int64_t padding, bool channels_last,
          const at::Tensor& y, const at::Tensor& c_new, const OptTensor& h_new,
-         const at::Tensor& gates) {
+         const OptTensor& gates) {
   const GemmArgs g{x, value_or_undefined(x_rec), weight, value_or_undefined(bias), stride, padding};
   FwdEpilogueArgs a;
-  a.z = gates;
+  a.z = value_or_undefined(gates);  // None: the gates are not saved (as run_fwd sets it up)
+  a.save_gates = gates.has_value();
   a.c_prev = c_prev;
   a.h_prev = value_or_undefined(h_prev);
   a.h_alpha = value_or_undefined(alpha);
@@ -96,7 +97,7 @@ struct EmulatedLaunch {
 
 void epilogue_fwd(const at::Tensor& z, const at::Tensor& c_prev, const OptTensor& h_prev,
                   const OptTensor& h_alpha, const at::Tensor& y, const at::Tensor& c_new,
-                  const OptTensor& h_new, bool channels_last) {
+                  const OptTensor& h_new, bool channels_last, bool save_gates) {
   FwdEpilogueArgs a;
   a.z = z;
   a.c_prev = c_prev;
@@ -106,6 +107,7 @@ void epilogue_fwd(const at::Tensor& z, const at::Tensor& c_prev, const OptTensor
   a.c_new = c_new;
   a.h_new = value_or_undefined(h_new);
   a.channels_last = channels_last;
+  a.save_gates = save_gates;
   epilogue::run_fwd_epilogue<EmulatedLaunch>(a);
 }
 
