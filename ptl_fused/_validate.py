@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from python_ref import conv_output_size, state_dtype
+
+
+def few(items: Sequence[object], n: int = 5) -> str:
+    """The first n of `items` for an error message, and how many there are in all when more."""
+    if not items:
+        return "none"
+    return ", ".join(map(str, items[:n])) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _tensor(name: str, t: object) -> Tensor:

@@ -140,6 +140,17 @@ def test_one_process_group_runs_every_collective_as_training_alone(tmp_path, mon
             assert rg[k] == pytest.approx(ra[k], rel=0 if device == "cpu" else 1e-6), k
 
 
+def test_an_nccl_group_with_cpu_training_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # A user's script joined NCCL (the GPU machine's default) and the config says device=cpu:
+    # NCCL cannot reduce CPU tensors. Seen as joined without a GPU: the group is stood in for.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    cfg = digits_cfg(tmp_path / "out", "device=cpu")
+    with pytest.raises(ValueError, match=r"joined with NCCL, .* trains on cpu: set device=cuda"):
+        run(cfg, build=lambda model_cfg, n: TinyNet(n, model_cfg["cell"]), verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
 def _grouped(train, backend: str, tmp_path, monkeypatch) -> dict:
     """train("grouped") in a process group of one, counting the collectives it calls."""
     calls = []

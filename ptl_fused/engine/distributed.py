@@ -40,6 +40,12 @@ def init_distributed(device_kind: str) -> DistInfo:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return DistInfo()
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    elif dist.get_backend() == "nccl" and device_kind != "cuda":
+        # Refused here, before any file is written: the first collective would fail later, in NCCL.
+        raise ValueError(
+            f"the process group was joined with NCCL, which reduces CUDA tensors only, but this "
+            f"run trains on {device_kind}: set device=cuda, or join a gloo group for CPU training"
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 

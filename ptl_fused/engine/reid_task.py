@@ -46,7 +46,7 @@ def check_query_matches(data, name: str, root) -> None:
     """At least one query must have a true match in the gallery (an image of its identity by
     another camera, as the evaluation counts them), or every evaluation fails: raise before the
     training rather than after its first epoch."""
-    from ptl_fused.reid.evaluation import few
+    from ptl_fused._validate import few
 
     gallery_cams: dict[int, set[int]] = {}
     for _, pid, cam in data.gallery:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ptl_fused._torch_load import why_unreadable
+from ptl_fused._validate import few
 
 # torchvision's published DenseNet files name "norm.1" what the model calls "norm1" (see
 # torchvision.models.densenet._load_state_dict); the same renaming lets those files load here.
@@ -53,8 +54,8 @@ def load_backbone_weights(model: nn.Module, stages: Sequence[nn.Module], path: s
     missing, unknown = sorted(needed - state.keys()), sorted(state.keys() - own.keys())
     if missing or unknown:
         raise ValueError(
-            f"{path!r} does not match the {type(model).__name__} backbone: missing keys {few_keys(missing)}, "
-            f"unexpected keys {few_keys(unknown)} (expected a torchvision state dict of this architecture)"
+            f"{path!r} does not match the {type(model).__name__} backbone: missing keys {few(missing)}, "
+            f"unexpected keys {few(unknown)} (expected a torchvision state dict of this architecture)"
         )
     wrong = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -62,7 +63,7 @@ def load_backbone_weights(model: nn.Module, stages: Sequence[nn.Module], path: s
         if state[k].shape != own[k].shape
     ]
     if wrong:
-        raise ValueError(f"{path!r} has tensors of the wrong shape for this backbone: {few_keys(wrong)}")
+        raise ValueError(f"{path!r} has tensors of the wrong shape for this backbone: {few(wrong)}")
     model.load_state_dict({k: state[k] for k in needed}, strict=False)
 
 
@@ -73,7 +74,3 @@ def warn_random_init(what: str) -> None:
         UserWarning,
         stacklevel=3,
     )
-
-
-def few_keys(keys: list[str], n: int = 5) -> str:
-    return "[]" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")

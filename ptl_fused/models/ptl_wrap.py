@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from python_ref import conv_output_size
 
+from .._validate import few
 from ..modules import BConvCell, BConvCellV2
-from .pretrained import few_keys
 from .stages import find_stages
 
 CELL_TYPES: dict[str, type[nn.Module]] = {"v1": BConvCell, "v2": BConvCellV2}
@@ -179,7 +179,7 @@ class PTLBackbone(nn.Module):
         foreign = [k for k, name in self._backbone_keys.items() if name is None]
         if foreign:
             raise ValueError(
-                f"stage tensors that are not the backbone's own have no backbone name: {few_keys(foreign)}"
+                f"stage tensors that are not the backbone's own have no backbone name: {few(foreign)}"
             )
         own = self.stages.state_dict(prefix="stages.")
         return {name: own[k] for k, name in self._backbone_keys.items()}

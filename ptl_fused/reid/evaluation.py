@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+from .._validate import few
 from .features import compute_distance
 
 # A matrix or vector given as a numpy array, a tensor (on any device) or a sequence.
@@ -33,11 +34,6 @@ Array = ArrayLike | torch.Tensor
 
 JUNK_PID = -1
 PROTOCOLS = ("market", "cuhk03")
-
-
-def few(ids: list[int], n: int = 5) -> str:
-    """The first n of `ids` for a message, and how many there are in all when more."""
-    return ", ".join(map(str, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
 
 
 def _as_tensor(a, name: str, dims: int) -> torch.Tensor:
