@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptl_fused import BConvCell, BConvCellV2, available_backends
+from ptl_fused import BConvCell, BConvCellV2, available_backends, ops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -137,8 +137,6 @@ def test_data_parallel_over_two_gpus_refuses_training_and_runs_eval(v2):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_v2_op_with_a_float_h_alpha_captures_in_a_cuda_graph(backend):
     # A Python h_alpha becomes a device scalar without a host copy (a copy would fail capture).
-    from ptl_fused import ops
-
     g = torch.Generator(device="cuda").manual_seed(0)
     x, c, h = (torch.randn(2, n, 7, 5, device="cuda", generator=g) for n in (3, 4, 4))
     w, wr = (
@@ -193,6 +191,32 @@ def test_triton_compiles_once_over_batch_sizes(v2):
     for batch in (1, 16, 17, 32):
         step(batch)
     assert _triton_compiles() == compiled
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cuda_igemm", "triton") if b in GPU_BACKENDS])
+def test_a_fused_forward_without_backward_allocates_no_gates(backend):
+    # The fused kernels write the gates straight to memory; with no backward to come there is
+    # no (B, 4·Cout, Ho, Wo) buffer at all (backend "cuda" has it anyway: the conv's output).
+    b, cin, cout, hw = 8, 16, 16, 64
+    x = torch.randn(b, cin, hw, hw, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(4 * cout, cin, 3, 3, device="cuda") * 0.1).bfloat16()
+    c = torch.zeros(b, cout, hw, hw, device="cuda")
+    outputs = b * cout * hw * hw * (2 + 4)  # y (bf16) and C_b (fp32)
+    gates = b * 4 * cout * hw * hw * 2
+
+    def peak(requires_grad: bool) -> int:
+        w.requires_grad_(requires_grad)
+        ops.bconv_cell(x, w, None, c, 1, 1, backend=backend)  # warm-up: compile, tune
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = ops.bconv_cell(x, w, None, c, 1, 1, backend=backend)
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - before
+
+    assert peak(True) >= outputs + gates  # the check can fail: a training forward keeps them
+    assert peak(False) < outputs + gates // 4, peak(False)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
