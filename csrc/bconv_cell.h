@@ -2,15 +2,16 @@
 // fused epilogues. A backend (csrc/cpu, csrc/cuda) supplies the two epilogues and registers
 // the bodies for its dispatch key with register_bconv_kernels<>.
 //
-//   forward : Z = conv(x [, X~]) through ATen; ONE epilogue pass -> y, C_b (, H_b); Z is
-//             overwritten with the activated gates, the only (B, 4C, Ho, Wo) tensor saved.
+//   forward : Z = conv(x [, X~]) through ATen; ONE epilogue pass -> y, C_b (, H_b); where a
+//             backward keeps them (save_gates), Z is overwritten with the activated gates,
+//             the only (B, 4C, Ho, Wo) tensor saved.
 //   backward: ONE epilogue pass -> dZ, dC_{b-1} (, dH_{b-1} aggregation part); the
 //             convolution backward is ATen's, called from Python (ptl_fused/_cpp_ops.py).
 //   eval    : the zero-state shortcut (DESIGN.md §5, python_ref/eval_path.py): Z = conv(x)
 //             over the i, o, g rows only (+ v2's precomputed gate map); ONE epilogue -> y.
 // fused_gemm=True (forward and eval; CUDA only, csrc/cuda/fused_gemm.cu) replaces the ATen
 // convolution + epilogue with ONE implicit-GEMM kernel whose epilogue is the cell: Z never
-// reaches memory, the activated gates are written directly.
+// reaches memory; the activated gates are written directly, where they are saved.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,7 +28,7 @@ using at::Tensor;
 // The v2 fields (h_*) are undefined for v1. h_alpha is a 1-element tensor of the state dtype
 // on the tensors' device, so a kernel reads it without a host sync.
 struct FwdEpilogueArgs {
-  Tensor z;  // in: pre-activations; out: activated gates (compute dtype)
+  Tensor z;  // in: pre-activations; out (save_gates): activated gates (compute dtype)
   Tensor c_prev, h_prev, h_alpha;
   Tensor y, c_new, h_new;  // outputs
   bool channels_last;

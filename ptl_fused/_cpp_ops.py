@@ -1,10 +1,10 @@
 """Fake kernels and autograd for the C++ ops (schemas: csrc/bconv_cell.cpp).
 
 The forward op returns, beside (y, C_b[, H_b]), the tensors its backward needs: the
-activated gates (written over the convolution's output, so no extra (B, 4C, Ho, Wo)
-buffer; (0,) with save_gates=False) and, for v2, the recovered X~ (autograd:
-ptl_fused/_autograd.py). The eval op has
-no autograd: ptl_fused.ops only calls it when no input needs a gradient.
+activated gates (backend cpu/cuda: written over the convolution's output; cuda_igemm: by the
+fused kernel; (0,) and written nowhere with save_gates=False) and, for v2, the recovered X~
+(autograd: ptl_fused/_autograd.py). The eval op has no autograd: ptl_fused.ops only calls
+it when no input needs a gradient.
 """
 
 from __future__ import annotations

@@ -175,6 +175,7 @@ def _saved_by_compiled_graph(fn, args: tuple) -> list[tuple[int, ...]]:
         partition_fn=min_cut_rematerialization_partition,
     )
     torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+    torch._dynamo.reset()
     return saved
 
 
@@ -197,6 +198,38 @@ def test_compiled_recompute_saves_only_the_inputs(backend, device, v2):
     gates = case.batch * 4 * case.cout * math.prod(case.out_hw)
     assert sum(saved(False)) >= gates  # the check can fail: the saving graph keeps the gates
     assert all(n <= 1 for n in saved(True)), saved(True)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+def test_compiled_forward_without_backward_asks_for_no_gates(backend, device, v2):
+    # The wrappers decide save_gates from grad mode and requires_grad at trace time (guarded
+    # by dynamo): the graph's forward op must carry the value of each run.
+    case = CASES[1]
+    master = make_inputs(case, v2)
+    op = ptl_fused.ops.bconv_cell_v2 if v2 else ptl_fused.ops.bconv_cell
+    runs = {"no_grad": (torch.no_grad, True, False), "frozen": (torch.enable_grad, False, False)}
+    runs["training"] = (torch.enable_grad, True, True)
+    for name, (mode, requires_grad, want) in runs.items():
+        graphs = []
+
+        def record(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        args = cast_inputs(master, torch.float32, device, requires_grad=requires_grad)
+        with mode():
+            torch.compile(
+                lambda *a: op(*a, case.stride, case.padding, backend=backend), backend=record, fullgraph=True
+            )(*args.values())
+        calls = [
+            n for gm in graphs for n in gm.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("ptl_fused.") and "_fwd" in str(n.target)
+        ]  # fmt: skip
+        assert len(calls) == 1, (name, [str(n.target) for n in calls])
+        assert calls[0].args[-1] is want, (name, calls[0].args)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)

@@ -115,8 +115,9 @@ class _GatesOfForwardOps(TorchDispatchMode):
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
 def test_a_forward_without_backward_writes_no_gates(backend, device, v2):
     # No backward to come (torch.no_grad, or no input requiring grad, e.g. a frozen cell on
-    # detached features): the fused forward is asked for no gates, so none are allocated
-    # (cuda_igemm) or stored (the epilogues). With a backward to come it saves them.
+    # detached features): the fused forward op is asked for no gates (save_gates=False; that
+    # the kernels then store none: test_cuda_kernels_emulated.py, test_gpu.py). With a
+    # backward to come it saves them.
     case = CASES[0]
     master = make_inputs(case, v2)
     b, cout, (ho, wo) = case.batch, case.cout, case.out_hw

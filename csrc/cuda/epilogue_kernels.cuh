@@ -81,7 +81,7 @@ __global__ void fwd_kernel(int64_t n, GateIndex gi, scalar_t* __restrict__ z, bo
       yv.v[j] = static_cast<scalar_t>(c.y);
       if (hp) h1.v[j] = h0.v[j] + a * (static_cast<acc_t>(yv.v[j]) - h0.v[j]);
     }
-    if (save_gates) {  // unsaved, z is dropped: its 4 stores are half the kernel's writes
+    if (save_gates) {  // unsaved, z is dropped: its 4 stores are most of the kernel's writes
       store_vec(zp, zi);
       store_vec(zp + gs, zf);
       store_vec(zp + 2 * gs, zo);

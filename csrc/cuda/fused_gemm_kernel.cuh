@@ -5,9 +5,10 @@
 // A block owns BM output pixels (of M = B·Ho·Wo) x BN channels (of Cout) and accumulates the
 // G gates of those channels side by side (G = 4: i, f, o, g; eval: G = 3, i, o, g), so one
 // thread holds every gate of a point when the cell runs: the (B, G·Cout, Ho, Wo)
-// pre-activations never reach global memory, and training writes the activated gates once,
-// for backward. v2's second K source (the recovered X~) is read in place: [x, X~] is never
-// concatenated. Any stride, padding, kernel size and input strides (NCHW or channels_last).
+// pre-activations never reach global memory, and the activated gates are written once,
+// where backward keeps them. v2's second K source (the recovered X~) is read in place:
+// [x, X~] is never concatenated. Any stride, padding, kernel size and input strides (NCHW or
+// channels_last).
 //
 // fp16/bf16 multiply on tensor cores (WMMA 16x16x16, fp32 accumulation, sm_80+). fp32/fp64
 // run the same tiles with scalar FMAs in their own precision: slow, there so that fp64 checks
