@@ -180,6 +180,39 @@ def test_emulated_kernel_gathers_channels_last_tap_major(dtype, cin, offset, cha
         assert emulated().tap_major(x, x.contiguous()) is False
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "offset"])
+@pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
+@pytest.mark.parametrize("cin", [3, 16])
+@pytest.mark.parametrize("sources", [1, 2], ids=["v1", "v2"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gemm_weight_layout(dtype, sources, cin, tap_major, layout):
+    # What the fused kernel reads as B: per source, the Cin·k·k columns in the gather's order
+    # ((dh, dw, ch) tap-major), zero-padded to a whole number of 16-byte chunks on the
+    # tensor-core path (fp16/bf16), 16-byte aligned; the weight itself where it already is so.
+    g = torch.Generator().manual_seed(0)
+    rows, k = 8, 3
+    weight = torch.randn(rows * sources * cin * k * k + 1, generator=g).to(dtype)
+    if layout == "offset":  # one element into its storage: never 16-byte aligned
+        weight = weight[1:].view(rows, sources * cin, k, k)
+    else:
+        weight = weight[:-1].view(rows, sources * cin, k, k)
+        if layout == "channels_last":
+            weight = weight.contiguous(memory_format=torch.channels_last)
+    got = emulated().gemm_weight(weight, sources, tap_major)
+    w = weight.unflatten(1, (sources, cin))
+    want = (w.permute(0, 1, 3, 4, 2) if tap_major else w).reshape(rows, sources, -1)
+    chunk = 16 // dtype.itemsize if dtype in (torch.float16, torch.bfloat16) else 1
+    ldk = -(-cin * k * k // chunk) * chunk
+    assert got.shape == (rows, sources * ldk) and got.is_contiguous()
+    assert got.data_ptr() % 16 == 0
+    got = got.view(rows, sources, ldk)
+    assert torch.equal(got[..., : cin * k * k], want)
+    assert not got[..., cin * k * k :].any(), "the padding columns must be zero"
+    in_place = ldk == cin * k * k and layout != "offset" and (sources == 1 or not tap_major)
+    in_place = in_place and (layout == "channels_last") == tap_major
+    assert (got.data_ptr() == weight.data_ptr()) is in_place
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_emulated_forward_channels_last_weight(dtype):
     # A model moved to channels_last has channels_last weights; tap-major then reads the

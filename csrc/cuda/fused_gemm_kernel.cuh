@@ -493,16 +493,19 @@ bool tap_major(const GemmArgs& g) {
 template <typename T>
 Tensor gemm_weight(const GemmArgs& g, bool tap_major) {
   const int64_t sources = g.x_rec.defined() ? 2 : 1, rows = g.weight.size(0);
-  const Tensor w = tap_major ? g.weight.unflatten(1, {sources, -1})
-                                   .permute({0, 1, 3, 4, 2})
-                                   .reshape({rows, sources, -1})
-                             : g.weight.reshape({rows, sources, -1});
-  const int64_t k = w.size(2), ldk = (k + kChunk<T> - 1) / kChunk<T> * kChunk<T>;
+  // (rows, S, then a source's columns in gather order); a view of the weight, not a copy.
+  const Tensor w = tap_major ? g.weight.unflatten(1, {sources, -1}).permute({0, 1, 3, 4, 2})
+                             : g.weight.unflatten(1, {sources, -1});
+  const int64_t k = g.weight.size(1) / sources * g.weight.size(2) * g.weight.size(3);
+  const int64_t ldk = (k + kChunk<T> - 1) / kChunk<T> * kChunk<T>;
   if (ldk == k && w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0)
-    return w.view({w.size(0), -1});
-  Tensor padded = at::zeros({w.size(0), sources, ldk}, w.options());
-  padded.narrow(2, 0, k).copy_(w);
-  return padded.view({w.size(0), -1});
+    return w.view({rows, -1});
+  // One pass over the weight (it is re-laid out every call: a training step changes it), and
+  // only the padding columns zeroed.
+  Tensor packed = at::empty({rows, sources, ldk}, w.options());
+  packed.narrow(2, 0, k).view(w.sizes()).copy_(w);
+  if (ldk > k) packed.narrow(2, k, ldk - k).zero_();
+  return packed.view({rows, -1});
 }
 
 // The one place that picks g's gather order: run(order, params), order a std::bool_constant

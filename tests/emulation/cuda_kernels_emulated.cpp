@@ -83,6 +83,16 @@ bool tap_major_of(const at::Tensor& x, const OptTensor& x_rec) {
   return out;
 }
 
+// The weight as the fused kernel reads it (gemm_weight), for `sources` = 1 (v1) or 2 (v2).
+at::Tensor gemm_weight_of(const at::Tensor& weight, int64_t sources, bool tap_major) {
+  const at::Tensor second = sources == 2 ? at::empty({0}) : at::Tensor();  // only "defined" is read
+  const GemmArgs g{at::Tensor(), second, weight, at::Tensor(), 1, 0};
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "emulated_weight",
+                                  [&] { out = gemm_weight<scalar_t>(g, tap_major); });
+  return out;
+}
+
 // The epilogues' launcher: few, small blocks, so every grid-stride loop wraps around.
 struct EmulatedLaunch {
   static constexpr int64_t kThreads = 64, kMaxBlocks = 3;
@@ -187,6 +197,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unwritten_shared_read", &unwritten_shared_read);
   m.def("fwd", &fwd);
   m.def("tap_major", &tap_major_of);
+  m.def("gemm_weight", &gemm_weight_of);
   m.def("eval", &eval);
   m.def("misaligned_wmma_load", &misaligned_wmma_load);
   m.def("epilogue_fwd", &epilogue_fwd);
