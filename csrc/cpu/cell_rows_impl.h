@@ -49,6 +49,15 @@ struct Lanes {
       at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
     }
   }
+  // The G gate slices of a row from p, gs apart (gate q at p + q * gs).
+  template <int G>
+  static void load_gates(const scalar_t* p, int64_t gs, Vec (&v)[G][kVecs]) {
+    for (int q = 0; q < G; ++q) load(p + q * gs, v[q]);
+  }
+  template <int G>
+  static void store_gates(scalar_t* p, int64_t gs, const Vec (&v)[G][kVecs]) {
+    for (int q = 0; q < G; ++q) store(p + q * gs, v[q]);
+  }
   // v rounded to scalar_t and back, as the scalar loop's static_cast<scalar_t>.
   static void round(Vec (&v)[kVecs]) {
     if constexpr (kVecs == 2) {
@@ -76,23 +85,16 @@ void fwd_typed(const FwdRowsArgs& a, int64_t r0, int64_t r1) {
     const int64_t s = r * n;
     int64_t j = 0;
     for (; j + L::kWidth <= n; j += L::kWidth) {
-      Vec zi[L::kVecs], zf[L::kVecs], zo[L::kVecs], zg[L::kVecs], yv[L::kVecs];
-      L::load(zr + j, zi);
-      L::load(zr + j + gs, zf);
-      L::load(zr + j + 2 * gs, zo);
-      L::load(zr + j + 3 * gs, zg);
+      Vec zv[4][L::kVecs], yv[L::kVecs];  // i, f, o, g
+      L::load_gates(zr + j, gs, zv);
       for (int k = 0; k < L::kVecs; ++k) {
         const int64_t o = s + j + k * Vec::size();
-        const auto p = cell_forward<Vec>(zi[k], zf[k], zo[k], zg[k], Vec::loadu(cp + o));
-        zi[k] = p.i, zf[k] = p.f, zo[k] = p.o, zg[k] = p.g, yv[k] = p.y;
+        const auto p =
+            cell_forward<Vec>(zv[0][k], zv[1][k], zv[2][k], zv[3][k], Vec::loadu(cp + o));
+        zv[0][k] = p.i, zv[1][k] = p.f, zv[2][k] = p.o, zv[3][k] = p.g, yv[k] = p.y;
         p.c.store(cn + o);
       }
-      if (a.save_gates) {
-        L::store(zr + j, zi);
-        L::store(zr + j + gs, zf);
-        L::store(zr + j + 2 * gs, zo);
-        L::store(zr + j + 3 * gs, zg);
-      }
+      if (a.save_gates) L::store_gates(zr + j, gs, zv);
       L::store(y + s + j, yv);
       if (hp) {
         L::round(yv);  // H aggregates y as stored
@@ -144,11 +146,8 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
     const int64_t s = r * n;
     int64_t j = 0;
     for (; j + L::kWidth <= n; j += L::kWidth) {
-      Vec gi[L::kVecs], gf[L::kVecs], go[L::kVecs], gg[L::kVecs], dyv[L::kVecs];
-      L::load(gr + j, gi);
-      L::load(gr + j + gs, gf);
-      L::load(gr + j + 2 * gs, go);
-      L::load(gr + j + 3 * gs, gg);
+      Vec gv[4][L::kVecs], dyv[L::kVecs];  // the gates i, f, o, g; then their dZ
+      L::load_gates(gr + j, gs, gv);
       if (gy) {
         L::load(gy + s + j, dyv);
       } else {
@@ -157,16 +156,14 @@ void bwd_typed(const BwdRowsArgs& a, int64_t r0, int64_t r1) {
       for (int k = 0; k < L::kVecs; ++k) {
         const int64_t o = s + j + k * Vec::size();
         const Vec dh = gh ? Vec::loadu(gh + o) : zero;
-        const auto d = cell_backward<Vec>(gi[k], gf[k], go[k], gg[k], Vec::loadu(cp + o),
-                                          dyv[k] + va * dh, gc ? Vec::loadu(gc + o) : zero, has_dy);
-        gi[k] = d.dzi, gf[k] = d.dzf, go[k] = d.dzo, gg[k] = d.dzg;
+        const auto d =
+            cell_backward<Vec>(gv[0][k], gv[1][k], gv[2][k], gv[3][k], Vec::loadu(cp + o),
+                               dyv[k] + va * dh, gc ? Vec::loadu(gc + o) : zero, has_dy);
+        gv[0][k] = d.dzi, gv[1][k] = d.dzf, gv[2][k] = d.dzo, gv[3][k] = d.dzg;
         d.dc_prev.store(gcp + o);
         if (ghp) ((Vec(1) - va) * dh).store(ghp + o);
       }
-      L::store(gzr + j, gi);
-      L::store(gzr + j + gs, gf);
-      L::store(gzr + j + 2 * gs, go);
-      L::store(gzr + j + 3 * gs, gg);
+      L::store_gates(gzr + j, gs, gv);
     }
     for (; j < n; ++j) {
       const acc_t dh = gh ? gh[s + j] : acc_t(0);
@@ -199,21 +196,17 @@ void eval_typed(const EvalRowsArgs& a, int64_t r0, int64_t r1) {
     scalar_t* yr = y + r * n;
     int64_t j = 0;
     for (; j + L::kWidth <= n; j += L::kWidth) {
-      Vec zi[L::kVecs], zo[L::kVecs], zg[L::kVecs], yv[L::kVecs];
-      L::load(zr + j, zi);
-      L::load(zr + j + gs, zo);
-      L::load(zr + j + 2 * gs, zg);
+      Vec zv[3][L::kVecs], yv[L::kVecs];  // i, o, g
+      L::load_gates(zr + j, gs, zv);
       if (mr) {  // added in the compute dtype, as the scalar loop
-        Vec mi[L::kVecs], mo[L::kVecs], mg[L::kVecs];
-        L::load(mr + j, mi);
-        L::load(mr + j + gs, mo);
-        L::load(mr + j + 2 * gs, mg);
-        for (int k = 0; k < L::kVecs; ++k) zi[k] += mi[k], zo[k] += mo[k], zg[k] += mg[k];
-        L::round(zi);
-        L::round(zo);
-        L::round(zg);
+        Vec mv[3][L::kVecs];
+        L::load_gates(mr + j, gs, mv);
+        for (int q = 0; q < 3; ++q) {
+          for (int k = 0; k < L::kVecs; ++k) zv[q][k] += mv[q][k];
+          L::round(zv[q]);
+        }
       }
-      for (int k = 0; k < L::kVecs; ++k) yv[k] = cell_eval<Vec>(zi[k], zo[k], zg[k]);
+      for (int k = 0; k < L::kVecs; ++k) yv[k] = cell_eval<Vec>(zv[0][k], zv[1][k], zv[2][k]);
       L::store(yr + j, yv);
     }
     for (; j < n; ++j) {
