@@ -27,8 +27,13 @@ from ._validate import check_cell_inputs, check_eval_inputs, check_recompute, ch
 def exporting() -> bool:
     """True while torch.export / torch.onnx.export trace the model: the cells then emit the
     reference's plain ATen ops, which every exporter understands, and inference takes the eval
-    shortcut in any grad mode (those ops are differentiable; the fused eval kernels are not)."""
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    shortcut in any grad mode (those ops are differentiable; the fused eval kernels are not).
+
+    Reads the flag torch.export sets rather than torch.compiler.is_exporting(): torch.compile's
+    tracer in torch 2.11 (the GPU image's) answers that True inside every compiled function,
+    which sent every compiled cell to the reference."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return (torch.compiler.is_exporting() if flag is None else flag) or torch.onnx.is_in_onnx_export()
 
 
 def func_transforms() -> list:

@@ -232,6 +232,27 @@ def test_compiled_forward_without_backward_asks_for_no_gates(backend, device, v2
     torch._dynamo.reset()
 
 
+def test_exporting_is_true_under_torch_export_only():
+    # The cells take the reference's plain ops while exporting, so exporting() must be False in
+    # eager and in a torch.compile'd function; torch 2.11's tracer answers
+    # torch.compiler.is_exporting() True in both compile and export.
+    class Probe(torch.nn.Module):
+        def forward(self, x):  # what exporting() answered at trace time, baked into the graph
+            return x + (1.0 if ptl_fused.ops.exporting() else 0.0)
+
+    x = torch.zeros(2)
+    runs = {
+        "eager": (lambda: Probe()(x), False),
+        "compile": (lambda: torch.compile(Probe(), backend="eager", fullgraph=True)(x), False),
+        "export strict": (lambda: torch.export.export(Probe(), (x,), strict=True).module()(x), True),
+        "export non-strict": (lambda: torch.export.export(Probe(), (x,), strict=False).module()(x), True),
+    }
+    for name, (run, want) in runs.items():
+        torch._dynamo.reset()
+        assert run().tolist() == [float(want)] * 2, name
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend,device", backend_params())

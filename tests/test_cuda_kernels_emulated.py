@@ -22,10 +22,13 @@ import torch.nn.functional as F
 import python_ref
 from python_ref import eval_gate_rows, output_padding, state_dtype, v2_gate_map
 
-from cells import CASES, DTYPES, WIDE_CASES, make_inputs
+from cells import CASES, CHANNELS_LAST_CASES, DTYPES, WIDE_CASES, every_other, make_inputs
 from tolerances import assert_matches_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
+# The NHWC cases whose Cin is a multiple of 8 run the tensor-core tap-major gather: Cin 40 and
+# 24 at stride 1 (WIDE_CASES), 16 and 64 at stride 2 and kernel 5 (CHANNELS_LAST_CASES).
+KERNEL_CASES = CASES + WIDE_CASES + CHANNELS_LAST_CASES
 SOURCES = [
     ROOT / "tests/emulation/cuda_kernels_emulated.cpp",
     ROOT / "tests/emulation/cuda_emulation.h",
@@ -108,7 +111,11 @@ def _reference(a: dict, case, v2: bool):
     return (*outs, _gates(a, case, v2))
 
 
-def _emulated_forward(a: dict, case, v2: bool, channels_last: bool, save_gates: bool = True):
+def _emulated_forward(
+    a: dict, case, v2: bool, channels_last: bool, save_gates: bool = True, source_layout=None
+):
+    """The emulated kernel's (y, c_new[, h_new][, gates]), each checked to be written exactly;
+    `source_layout` re-lays out x (and v2's X~) after the layout of `channels_last`."""
     dtype, sdt = a["x"].dtype, a["c_prev"].dtype
     b, cout = a["x"].shape[0], a["weight"].shape[0] // 4
     state_shape = (b, cout, *case.out_hw)
@@ -119,9 +126,10 @@ def _emulated_forward(a: dict, case, v2: bool, channels_last: bool, save_gates: 
         "gates": _guarded((b, 4 * cout, *case.out_hw), dtype, channels_last) if save_gates else None,
     }
     cin = a["x"].shape[1]
+    relaid = source_layout or (lambda t: t)
     emulated().fwd(
-        _layout(a["x"], channels_last),
-        _layout(_gate_input(a, case, v2)[:, cin:], channels_last) if v2 else None,
+        relaid(_layout(a["x"], channels_last)),
+        relaid(_layout(_gate_input(a, case, v2)[:, cin:], channels_last)) if v2 else None,
         a["weight"],
         a["bias"],
         _layout(a["c_prev"], channels_last),
@@ -137,7 +145,7 @@ def _emulated_forward(a: dict, case, v2: bool, channels_last: bool, save_gates: 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("case", CASES + WIDE_CASES, ids=str)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_forward_matches_reference(dtype, case, v2, channels_last):
     master = make_inputs(case, v2)
@@ -225,6 +233,55 @@ def test_emulated_forward_channels_last_weight(dtype):
         assert torch.equal(r, got)
 
 
+def _relayout(layout: str, channels_last: bool):
+    """A function giving a tensor's values in another layout of the kind the host hands the
+    kernel as it comes (x is not made contiguous): `strided`, every other element of a buffer
+    twice as wide (NCHW order); `offset`, one element into its buffer (no pixel on a 16-byte
+    boundary); `channel_slice`, the first channels of a tensor with 8 more (torch.chunk)."""
+
+    def relaid(t: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = t.shape
+        if layout == "strided":
+            return every_other(t)
+        if layout == "offset":
+            out = (
+                _nhwc_at(t.shape, t.dtype, 1)
+                if channels_last
+                else torch.zeros(t.numel() + 1, dtype=t.dtype)[1:]
+            )
+            return out.view(t.shape).copy_(t)
+        wide = (
+            torch.zeros(b, h, w, c + 8, dtype=t.dtype).permute(0, 3, 1, 2)
+            if channels_last
+            else t.new_zeros(b, c + 8, h, w)
+        )
+        return wide[:, :c].copy_(t)
+
+    return relaid
+
+
+@pytest.mark.parametrize("layout", ["strided", "offset", "channel_slice"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("case", [CHANNELS_LAST_CASES[0], WIDE_CASES[1]], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_forward_reads_any_source_layout_without_bias(dtype, case, v2, channels_last, layout):
+    # x (and v2's X~) in the caller's strides, and no bias (a null bias pointer): the kernel's
+    # gather reads any strides; the tap-major one also pixels further apart than Cin.
+    master = make_inputs(case, v2, bias=False)
+    oracle = _reference(_cast(master, torch.float64), case, v2)
+    eager = _reference(_cast(master, dtype), case, v2)
+    a = _cast(master, dtype)
+    relaid = _relayout(layout, channels_last)
+    if layout == "channel_slice" and channels_last and case.cin % 8 == 0:
+        # Cin = 16 in rows of 24: the 16-byte tensor-core gather over non-dense pixels.
+        assert emulated().tap_major(relaid(_layout(a["x"], True)), None)
+    got = _emulated_forward(a, case, v2, channels_last, source_layout=relaid)
+    names = ["y", "c_new", "h_new", "gates"] if v2 else ["y", "c_new", "gates"]
+    for name, g, e, o in zip(names, got, eager, oracle, strict=True):
+        assert_matches_oracle(f"{case} {layout} {name}", g, e, o, dtype)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -245,7 +302,7 @@ def _zero_state(a: dict) -> dict:
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("case", CASES + WIDE_CASES, ids=str)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_eval_matches_zero_state_cell(dtype, case, v2, channels_last):
     master = make_inputs(case, v2)
