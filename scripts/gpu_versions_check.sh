@@ -4,12 +4,18 @@
 # the extension there (the CUDA kernels too, as gpu_check.sh will) from a copy of the committed
 # tree, then runs the test suite, so that a break against the older torch or Triton (a header, an
 # API, a compiler rule) shows before a GPU session is spent on it.
-#   bash scripts/gpu_versions_check.sh [WORK_DIR]   (default /tmp/ptl_gpu_versions; about 6 GB,
-#                                                   25 minutes on 2 cores; not part of CI)
+#   bash scripts/gpu_versions_check.sh [WORK_DIR [PYTEST_ARGS...]]
+# WORK_DIR defaults to /tmp/ptl_gpu_versions (about 6 GB); PYTEST_ARGS to the whole suite (30
+# minutes on 2 cores). CI runs it on the tests that lean on torch's and Triton's internals
+# (compile, export, dispatch, Triton's sm_90 compile): torch 2.11's tracer once sent every
+# compiled cell to the reference, which only the older versions showed.
 # NumPy stays below 2.4 here: Triton 3.6's CPU interpreter fails with newer NumPy (the suite then
 # reports the Triton backend unavailable and skips it); on the GPU the interpreter is not used.
 set -euo pipefail
 work=${1:-/tmp/ptl_gpu_versions}
+shift $(($# > 0 ? 1 : 0))
+tests=("$@")
+((${#tests[@]})) || tests=(tests bench --benchmark-disable)
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$work"
 [[ -x $work/venv/bin/python ]] || python3 -m venv "$work/venv"
@@ -21,4 +27,4 @@ cd "$work/src"
 PTL_FUSED_WITH_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation --no-deps -e .
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # A JIT extension cache of its own: the emulated-kernel test builds one per torch version.
-TORCH_EXTENSIONS_DIR=$work/torch_extensions python -m pytest tests bench --benchmark-disable -q -p no:cacheprovider
+TORCH_EXTENSIONS_DIR=$work/torch_extensions python -m pytest "${tests[@]}" -q -p no:cacheprovider

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
 #include "fused_gemm.h"
 #include "fused_gemm_kernel.cuh"
@@ -23,6 +25,28 @@ void check_tensor_cores(const Tensor& x) {
               ". Use backend 'cuda' (cuDNN + fused epilogue) instead.");
 }
 
+// The tensor-core path is compiled only for compute_80+ (PTL_FUSED_WMMA); older code traps. A
+// build whose image for this GPU is JIT-compiled from older PTX (TORCH_CUDA_ARCH_LIST=
+// "7.5+PTX" run on sm_90) passes check_tensor_cores, so ask which PTX the image came from
+// (once per device: every device may load another image) before a trap ends the CUDA context.
+template <typename Kernel>
+void check_compiled_with_tensor_cores(Kernel* kernel) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> ptx_of_device;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto known = ptx_of_device.find(device);
+  if (known == ptx_of_device.end()) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    known = ptx_of_device.emplace(device, attr.ptxVersion).first;
+  }
+  TORCH_CHECK(known->second >= 80, "ptl_fused: this build's fused implicit-GEMM kernel runs on ",
+              "this GPU from code for compute_", known->second, ", which has no tensor-core path ",
+              "(it needs 8.0 or newer); rebuild for this GPU, e.g. TORCH_CUDA_ARCH_LIST=\"9.0\" ",
+              "pip install --no-build-isolation -e .");
+}
+
 template <typename T, int G, bool kTapMajor, typename A>
 void launch(const Params<T, A>& p) {
   const int64_t blocks_m = (p.M + BM - 1) / BM, blocks_n = (p.Cout + BN - 1) / BN;
@@ -33,6 +57,7 @@ void launch(const Params<T, A>& p) {
   const dim3 grid(static_cast<unsigned>(blocks_m), static_cast<unsigned>(blocks_n));
   auto stream = at::cuda::getCurrentCUDAStream();
   if constexpr (kTensorCores<T>) {
+    check_compiled_with_tensor_cores(fused_cell_kernel<T, G, TensorCoreTile<T, G>, kTapMajor>);
     fused_cell_kernel<T, G, TensorCoreTile<T, G>, kTapMajor><<<grid, kThreads, 0, stream>>>(p);
   } else {
     fused_cell_kernel<T, G, ScalarTile<T, G>, kTapMajor><<<grid, kThreads, 0, stream>>>(p);
