@@ -7,8 +7,8 @@
 #   bash scripts/gpu_versions_check.sh [WORK_DIR [PYTEST_ARGS...]]
 # WORK_DIR defaults to /tmp/ptl_gpu_versions (about 6 GB); PYTEST_ARGS to the whole suite (30
 # minutes on 2 cores). CI runs it on the tests that lean on torch's and Triton's internals
-# (compile, export, dispatch, autograd, Triton's sm_90 compile): torch 2.11's tracer once sent every
-# compiled cell to the reference, which only the older versions showed.
+# (compile, export, dispatch, autograd, Triton's sm_90 compile): torch 2.11's tracer once sent
+# every compiled cell to the reference, which only the older versions showed.
 # NumPy stays below 2.4 here: Triton 3.6's CPU interpreter fails with newer NumPy (the suite then
 # reports the Triton backend unavailable and skips it); on the GPU the interpreter is not used.
 set -euo pipefail
