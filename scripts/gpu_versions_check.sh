@@ -5,7 +5,7 @@
 # tree, then runs the test suite, so that a break against the older torch or Triton (a header, an
 # API, a compiler rule) shows before a GPU session is spent on it.
 #   bash scripts/gpu_versions_check.sh [WORK_DIR [PYTEST_ARGS...]]
-# WORK_DIR defaults to /tmp/ptl_gpu_versions (about 6 GB); PYTEST_ARGS to the whole suite (30
+# WORK_DIR defaults to /tmp/ptl_gpu_versions (about 6 GB); PYTEST_ARGS to the whole suite (25
 # minutes on 2 cores). CI runs it on the tests that lean on torch's and Triton's internals
 # (compile, export, dispatch, autograd, Triton's sm_90 compile): torch 2.11's tracer once sent
 # every compiled cell to the reference, which only the older versions showed.

@@ -179,8 +179,9 @@ def _nhwc_at(shape, dtype, offset: int = 0) -> torch.Tensor:
 )
 def test_emulated_kernel_gathers_channels_last_tap_major(dtype, cin, offset, channels_last, expected):
     # The order the emulated tests above run is the one a GPU launch picks: the NHWC cases
-    # with Cin = 40 and 24 run the tap-major vector gather in fp16/bf16, Cin = 17 and 19 the
-    # channel-major fallback, and fp32/fp64 check the tap-major indexing on every NHWC case.
+    # with Cin = 16, 24, 40 and 64 run the tap-major vector gather in fp16/bf16, Cin = 17 and
+    # 19 the channel-major fallback, and fp32/fp64 check the tap-major indexing on every NHWC
+    # case.
     shape = (2, cin, 5, 6)
     x = _nhwc_at(shape, dtype, offset) if channels_last else torch.zeros(shape, dtype=dtype)
     assert emulated().tap_major(x, None) is expected
