@@ -68,6 +68,11 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def saves_gates(recompute: bool, *tensors: torch.Tensor | None) -> bool:
+    """The fused forwards' save_gates: only for a backward to come that does not recompute them."""
+    return needs_grad(*tensors) and not recompute
+
+
 def _as_saved(x) -> torch.autocast:
     """Autocast off for a recompute: its inputs were saved as the first run got them (already
     cast), and a backward called under autocast would cast them again (the C++ ops' Autocast

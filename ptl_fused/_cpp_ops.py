@@ -15,7 +15,7 @@ from torch._prims_common import suggest_memory_format
 
 from python_ref import conv_output_size
 
-from ._autograd import cell_backward, cell_v2_backward, needs_grad, setup_cell, setup_cell_v2
+from ._autograd import cell_backward, cell_v2_backward, saves_gates, setup_cell, setup_cell_v2
 
 ops = torch.ops.ptl_fused
 
@@ -91,7 +91,7 @@ torch.library.register_autograd(
 # the ATen convolution + fused epilogue; backward is the same either way. The gates are saved
 # only for a backward that does not recompute them (recompute: ptl_fused/_autograd.py).
 def bconv_cell(x, weight, bias, c_prev, stride, padding, fused_gemm=False, recompute=False):
-    save = needs_grad(x, weight, bias, c_prev) and not recompute
+    save = saves_gates(recompute, x, weight, bias, c_prev)
     y, c_new, _ = ops.bconv_cell_fwd(x, weight, bias, c_prev, stride, padding, fused_gemm, save)
     return y, c_new
 
@@ -100,7 +100,7 @@ def bconv_cell_v2(
     x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding,
     fused_gemm=False, recompute=False,
 ):  # fmt: skip
-    save = needs_grad(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev) and not recompute
+    save = saves_gates(recompute, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
     y, c_new, h_new, _, _ = ops.bconv_cell_v2_fwd(
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding,
         fused_gemm, save,

@@ -20,7 +20,7 @@ from torch._prims_common import suggest_memory_format
 
 from python_ref import conv_output_size
 
-from .._autograd import cell_backward, cell_v2_backward, needs_grad, setup_cell, setup_cell_v2
+from .._autograd import cell_backward, cell_v2_backward, saves_gates, setup_cell, setup_cell_v2
 from .backward import bconv_cell_bwd_kernel
 from .forward import INTERPRET, bconv_cell_fwd_kernel
 from .recovery import recovery_kernel
@@ -323,7 +323,7 @@ def _autocast(device_type: str, *tensors):
 
 
 def bconv_cell(x, weight, bias, c_prev, stride, padding, recompute=False):
-    save = needs_grad(x, weight, bias, c_prev) and not recompute
+    save = saves_gates(recompute, x, weight, bias, c_prev)
     x, weight, bias = _autocast(x.device.type, x, weight, bias)
     y, c_new, _ = bconv_cell_fwd(x, weight, bias, c_prev, stride, padding, save)
     return y, c_new
@@ -332,7 +332,7 @@ def bconv_cell(x, weight, bias, c_prev, stride, padding, recompute=False):
 def bconv_cell_v2(
     x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, recompute=False
 ):
-    save = needs_grad(x, weight, bias, weight_rec, bias_rec, c_prev, h_prev) and not recompute
+    save = saves_gates(recompute, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
     x, weight, bias, weight_rec, bias_rec = _autocast(x.device.type, x, weight, bias, weight_rec, bias_rec)
     y, c_new, h_new, _, _ = bconv_cell_v2_fwd(
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, save
