@@ -4,11 +4,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
-#include <mutex>
-#include <unordered_map>
 
 #include "fused_gemm.h"
 #include "fused_gemm_kernel.cuh"
@@ -31,18 +31,19 @@ void check_tensor_cores(const Tensor& x) {
 // (once per device: every device may load another image) before a trap ends the CUDA context.
 template <typename Kernel>
 void check_compiled_with_tensor_cores(Kernel* kernel) {
-  static std::mutex mutex;
-  static std::unordered_map<int, int> ptx_of_device;
-  const int device = c10::cuda::current_device();
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto known = ptx_of_device.find(device);
-  if (known == ptx_of_device.end()) {
+  // 0: not asked yet (static storage starts zeroed). Two threads that both ask store the same
+  // answer, so a relaxed atomic is enough and a launch takes no lock.
+  static std::atomic<int> ptx_of_device[C10_COMPILE_TIME_MAX_GPUS];
+  auto& cached = ptx_of_device[c10::cuda::current_device()];
+  int ptx = cached.load(std::memory_order_relaxed);
+  if (ptx == 0) {
     cudaFuncAttributes attr{};
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    known = ptx_of_device.emplace(device, attr.ptxVersion).first;
+    ptx = attr.ptxVersion;
+    cached.store(ptx, std::memory_order_relaxed);
   }
-  TORCH_CHECK(known->second >= 80, "ptl_fused: this build's fused implicit-GEMM kernel runs on ",
-              "this GPU from code for compute_", known->second, ", which has no tensor-core path ",
+  TORCH_CHECK(ptx >= 80, "ptl_fused: this build's fused implicit-GEMM kernel runs on ",
+              "this GPU from code for compute_", ptx, ", which has no tensor-core path ",
               "(it needs 8.0 or newer); rebuild for this GPU, e.g. TORCH_CUDA_ARCH_LIST=\"9.0\" ",
               "pip install --no-build-isolation -e .");
 }
