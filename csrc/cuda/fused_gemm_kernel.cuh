@@ -163,8 +163,10 @@ __device__ GatherRow gather_row(const Params<T, A>& p, int64_t m, PointRow* rows
   return g;
 }
 
-// Zero of every element type, in global memory: the A gather's padding reads it.
-alignas(16) static __device__ unsigned char kZeros[16] = {};
+// Zeros of the element type (16 bytes: one tap-major vector), in global memory: the A gather's
+// padding reads them. One array per type, so that they are read as the type they are.
+template <typename T>
+alignas(16) __device__ const T kZeros[16 / sizeof(T)] = {};
 
 // One K tile's share of this thread, held in registers from the global loads to the smem
 // stores, so that tile t + 1's loads are in flight while tile t multiplies.
@@ -194,7 +196,7 @@ struct Staged {
     const T* x = src == 0 ? p.x + g.base[0] : p.x_rec + g.base[1];
     // Branch-free: a padded element is read from kZeros, so every lane loads and the kA loads
     // issue back to back.
-    const T* zero = reinterpret_cast<const T*>(kZeros);
+    const T* zero = kZeros<T>;
     // Tap-major, a chunk's kVec columns share one tap (tap_major: Cin % kVec == 0), so its
     // first column decides for all of them; channel-major, every column is its own tap.
     constexpr int kRun = kTapMajor ? kVec : 1;
