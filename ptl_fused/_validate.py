@@ -147,10 +147,12 @@ def check_v2_inputs(
         check_state("h_prev", h_prev, x, c_shape)
     if isinstance(h_alpha, Tensor):
         if h_alpha.numel() != 1 or not h_alpha.is_floating_point():
-            raise ValueError(f"h_alpha must be a float or a 1-element float tensor, got {h_alpha!r}")
+            raise ValueError(f"h_alpha must be a float or a one-element float tensor, got {h_alpha!r}")
         _same_device("h_alpha", h_alpha, x)
     elif isinstance(h_alpha, bool) or not isinstance(h_alpha, numbers.Real):
-        raise TypeError(f"h_alpha must be a float or a 0-dim tensor, got {type(h_alpha).__name__}")
+        raise TypeError(
+            f"h_alpha must be a float or a one-element float tensor, got {type(h_alpha).__name__}"
+        )
 
 
 def check_eval_inputs(

@@ -48,6 +48,7 @@ class _BConvCellBase(nn.Module):
         recompute: bool,
     ) -> None:
         super().__init__()
+        sizes = []
         for name, v, low in (
             ("in_channels", in_channels, 1),
             ("out_channels", out_channels, 1),
@@ -55,8 +56,10 @@ class _BConvCellBase(nn.Module):
             ("stride", stride, 1),
             ("padding", padding, 0),
         ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+            sizes.append(int(v))  # numpy integers too, as nn.Conv2d takes them
+        in_channels, out_channels, kernel_size, stride, padding = sizes
         if state_init not in STATE_INITS:
             raise ValueError(f"state_init must be one of {STATE_INITS}, got {state_init!r}")
         if backend != "auto" and backend not in BACKENDS:
@@ -88,6 +91,11 @@ class _BConvCellBase(nn.Module):
             )
         k, s, p = self.kernel_size, self.stride, self.padding
         ho, wo = (conv_output_size(n, k, s, p) for n in x.shape[-2:])
+        if ho < 1 or wo < 1:  # before a state of that size is made or compared
+            raise ValueError(
+                f"{type(self).__name__}: x's spatial size {x.shape[-2]}x{x.shape[-1]} is too small "
+                f"for kernel_size={k} with padding={p}"
+            )
         return x.shape[0], self.out_channels, ho, wo
 
     def _previous(self, state: Tensor | None, shape: tuple[int, ...], x: Tensor, name: str) -> Tensor:
@@ -134,6 +142,15 @@ class _BConvCellBase(nn.Module):
                 "break the next call. Run the cell in eval mode under the transform, or use "
                 "ptl_fused.ops.bconv_cell / bconv_cell_v2, which take the state as an argument "
                 "and return the new one."
+            )
+        if ops.exporting():
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.export / torch.onnx.export of a training-mode cell. "
+                "Its forward reads and advances the carried state, which an exported program "
+                "cannot carry: the state of the moment would be frozen into it as a constant, and "
+                "its batch size with it. Call model.eval() before exporting (eval starts every "
+                "batch from zeros, as a deployed cell does), or export ptl_fused.ops.bconv_cell / "
+                "bconv_cell_v2, which take the state as an input and return the new one."
             )
         if getattr(self, "_is_replica", False):
             raise RuntimeError(
@@ -264,7 +281,7 @@ class BConvCellV2(_BConvCellBase):
             or not 0.0 < hidden_momentum <= 1.0
         ):
             raise ValueError(f"hidden_momentum must be None or a number in (0, 1], got {hidden_momentum!r}")
-        self.hidden_momentum = hidden_momentum
+        self.hidden_momentum = None if hidden_momentum is None else float(hidden_momentum)
         k = kernel_size
         self.weight_rec = nn.Parameter(torch.empty(out_channels, in_channels, k, k))
         self.bias_rec = nn.Parameter(torch.empty(in_channels)) if bias else None

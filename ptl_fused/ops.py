@@ -121,8 +121,9 @@ def bconv_cell_v2(
     weight_rec) the recovery, weight_rec (Cout, Cin, k, k); bias (4·Cout), bias_rec (Cin) or
     None; c_prev, h_prev (B, Cout, Ho, Wo) in the state dtype (as bconv_cell's c_prev), or both
     None; y (B, Cout, Ho, Wo) in the compute dtype, c_new and h_new like c_prev.
-    h_alpha is a float or a 0-dim tensor (a tensor keeps torch.compile from recompiling as
-    it changes); it gets no gradient. Gradients flow to every other tensor input.
+    h_alpha is a float or a one-element float tensor, read as a 0-dim scalar of the state
+    dtype (a tensor keeps torch.compile from recompiling as it changes); it gets no gradient.
+    Gradients flow to every other tensor input.
     c_prev=h_prev=None is inference from the zero state: returns (y, None, None), where the
     recovery's share of the gate conv is the constant map of python_ref.v2_gate_map.
     recompute=True keeps neither the gates nor X̃ for backward, which computes both again.
@@ -132,9 +133,11 @@ def bconv_cell_v2(
     check_v2_inputs(x, weight, weight_rec, bias_rec, h_prev, h_alpha, (x.shape[0], cout, ho, wo))
     if (c_prev is None) != (h_prev is None):
         raise ValueError("c_prev and h_prev must both be tensors, or both None (the zero state of inference)")
-    # A constant of the aggregation on every backend (no gradient, no tangent); numpy scalars
-    # become floats.
-    h_alpha = h_alpha.detach() if isinstance(h_alpha, Tensor) else float(h_alpha)
+    # A constant of the aggregation on every backend (no gradient, no tangent): a 0-dim tensor
+    # of the state dtype, whatever one-element shape and float dtype it came in, so that h_new
+    # has the state's shape and dtype on every backend; numpy scalars become floats.
+    dtype = state_dtype(x.dtype)
+    h_alpha = h_alpha.detach().to(dtype).reshape(()) if isinstance(h_alpha, Tensor) else float(h_alpha)
     impl, chosen = _resolve(backend, x, weight, bias, weight_rec, bias_rec, c_prev, h_prev)
     inference = c_prev is None
     if inference:
@@ -142,12 +145,9 @@ def bconv_cell_v2(
             w3, b3, m = v2_eval_params(weight, bias, bias_rec, x.shape[-2:], stride, padding)
             return impl.bconv_cell_eval(x, w3, b3, m, stride, padding), None, None
         c_prev = h_prev = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
-    if impl.name != "reference":  # a device scalar; torch.full copies no host value (no sync)
-        dtype = state_dtype(x.dtype)
-        if isinstance(h_alpha, Tensor):
-            h_alpha = h_alpha.to(dtype).reshape(())
-        else:
-            h_alpha = torch.full((), h_alpha, dtype=dtype, device=x.device)
+    if impl.name != "reference" and not isinstance(h_alpha, Tensor):
+        # The fused ops take a device scalar; torch.full copies no host value (no sync).
+        h_alpha = torch.full((), h_alpha, dtype=dtype, device=x.device)
     run = dict(recompute=True) if recompute and chosen else {}
     y, c_new, h_new = impl.bconv_cell_v2(
         x, weight, bias, weight_rec, bias_rec, c_prev, h_prev, h_alpha, stride, padding, **run

@@ -96,7 +96,7 @@ V2_CASES = [
     ),
     (dict(bias_rec=torch.randn(4)), ValueError, r"bias_rec must have shape \(3,\)"),
     (dict(h_prev=torch.zeros(1, 4, 7, 5)), ValueError, r"h_prev must have shape .* got \(1, 4, 7, 5\)"),
-    (dict(h_alpha=torch.ones(2)), ValueError, "h_alpha must be a float or a 1-element"),
+    (dict(h_alpha=torch.ones(2)), ValueError, "h_alpha must be a float or a one-element"),
     (dict(h_alpha="half"), TypeError, "h_alpha must be a float"),
     (dict(h_alpha=True), TypeError, "h_alpha must be a float"),
     (dict(h_alpha=torch.tensor(0.5, device="meta")), ValueError, "h_alpha is on meta but x is on cpu"),
@@ -128,6 +128,28 @@ def test_h_alpha_is_a_constant_and_numpy_scalars_are_floats(backend):
     assert alpha.grad is None and args["x"].grad is not None
     args["h_alpha"] = np.float32(0.25)
     torch.testing.assert_close(ops.bconv_cell_v2(**args, backend=backend)[2], h.detach())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(
+    "alpha",
+    [
+        torch.tensor(0.25),
+        torch.tensor([0.25]),
+        torch.full((1, 1, 1, 1, 1), 0.25),
+        torch.tensor([0.25]).double(),
+    ],
+    ids=["0-dim", "(1,)", "(1,1,1,1,1)", "(1,)-float64"],
+)
+def test_h_alpha_tensor_of_one_element_is_a_scalar_of_the_state_dtype(backend, alpha):
+    # Any one-element float tensor is accepted, so every backend must read it alike: h_new
+    # keeps the state's shape and dtype (a float64 alpha would otherwise promote it, and a 5-D
+    # one broadcast it, and the next step would refuse the state).
+    args = _v2(h_alpha=alpha)
+    _, _, h = ops.bconv_cell_v2(**args, backend=backend)
+    _, _, want = ops.bconv_cell_v2(**{**args, "h_alpha": 0.25}, backend=backend)
+    assert h.shape == want.shape and h.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(h, want, rtol=0, atol=0)
 
 
 def test_unknown_backend_lists_available():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import python_ref
-from ptl_fused import BConvCell, BConvCellV2, reset_states
+from ptl_fused import BConvCell, BConvCellV2, ops, reset_states
 
 from cells import backend_params
 
@@ -196,6 +196,75 @@ def test_constructor_errors():
     for bad in (1.5, True, "0.5"):
         with pytest.raises(ValueError, match="hidden_momentum must be None or a number in"):
             BConvCellV2(3, 4, hidden_momentum=bad)
+    with pytest.raises(ValueError, match=r"kernel_size must be an int >= 1, got 3.0"):
+        BConvCell(3, 4, kernel_size=3.0)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_exporting_a_training_cell_is_a_clear_error(v2, strict):
+    # The program would hold the carried state as a constant and compute one training step from
+    # it, at the export's batch size: not the cell. Eval mode exports (tests/test_eval_path.py).
+    cell = (BConvCellV2 if v2 else BConvCell)(3, 4, padding=1)
+    cell(torch.randn(2, 3, 5, 5))
+    with pytest.raises(Exception, match="torch.export / torch.onnx.export of a training-mode cell"):
+        torch.export.export(cell, (torch.randn(2, 3, 5, 5),), strict=strict)
+    assert cell.training and cell.state is not None
+    torch.export.export(cell.eval(), (torch.randn(2, 3, 5, 5),), strict=strict)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_cells_run_on_meta_tensors_for_shapes(v2):
+    # Shape inference without memory, as nn.Conv2d allows (a model built on meta, FLOP counters):
+    # "auto" takes the reference there; training, eval and backward give the CPU's shapes.
+    make = lambda: (BConvCellV2 if v2 else BConvCell)(3, 4, kernel_size=3, stride=2, padding=1)  # noqa: E731
+    cpu = make()
+    with torch.device("meta"):
+        meta = make()
+        x = torch.randn(2, 3, 9, 7, requires_grad=True)
+    for mode in (True, True, False):
+        cpu.train(mode), meta.train(mode)
+        y = meta(x)
+        want = cpu(torch.randn(2, 3, 9, 7))
+        assert y.device.type == "meta" and y.shape == want.shape
+    meta.train()(x).sum().backward()
+    assert x.grad.shape == x.shape and meta.weight.grad.shape == meta.weight.shape
+    with pytest.raises(ValueError, match="backend 'cpu' runs on cpu tensors, but x is on meta"):
+        ops.bconv_cell(x, torch.randn(16, 3, 3, 3, device="meta"), None, None, 2, 1, backend="cpu")
+
+
+def test_constructor_takes_numpy_and_other_numbers_as_python_ones():
+    import fractions
+
+    import numpy as np
+
+    cell = BConvCellV2(
+        np.int64(3), np.int32(4), np.int64(3), padding=np.int8(1), hidden_momentum=fractions.Fraction(1, 2)
+    )
+    assert [type(v) for v in (cell.in_channels, cell.out_channels, cell.kernel_size, cell.padding)] == [
+        int
+    ] * 4
+    assert cell.hidden_momentum == 0.5 and type(cell.hidden_momentum) is float
+    assert cell(torch.randn(2, 3, 5, 5)).shape == (2, 4, 5, 5)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("carrying", [False, True], ids=["fresh", "carrying"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_input_smaller_than_the_kernel_is_a_clear_error(v2, carrying, training):
+    # In training the state's size comes from x: the size check must come before a state of a
+    # negative size is made ("zeros: Dimension size must be non-negative") or compared with the
+    # carried one (a "call reset_state()" that cannot help).
+    cell = (BConvCellV2 if v2 else BConvCell)(3, 4, kernel_size=5)
+    if carrying:
+        cell(torch.randn(2, 3, 8, 8))
+    cell.train(training)
+    with pytest.raises(
+        ValueError, match=r"x's spatial size 3x3 is too small for kernel_size=5 with padding=0"
+    ):
+        cell(torch.randn(2, 3, 3, 3))
+    kept = cell.state if cell.state is None or v2 is False else cell.state[0]
+    assert (kept is None) != carrying and (kept is None or kept.shape == (2, 4, 4, 4)), "state untouched"
 
 
 def test_parameter_shapes_and_defaults():
