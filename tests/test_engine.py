@@ -131,11 +131,67 @@ def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones():
         ("std.lam=-0.1", "std.lam must be in [0, 1], got -0.1"),
         ("train.max_batches=0", "train.max_batches must be None (all) or an int >= 1, got 0"),
         ("train.max_batches=two", "train.max_batches must be None (all) or an int >= 1, got 'two'"),
+        ("data.shots=0", "data.shots must be None (all) or an int >= 1, got 0"),
+        (
+            "data.classes=[]",
+            "data.classes must be None (all ten) or a non-empty list of distinct digits 0-9, got []",
+        ),
+        (
+            "data.classes=[42]",
+            "data.classes must be None (all ten) or a non-empty list of distinct digits 0-9, got [42]",
+        ),
+        (
+            "data.classes=[1, 1]",
+            "data.classes must be None (all ten) or a non-empty list of distinct digits 0-9, got [1, 1]",
+        ),
+        (
+            "data.classes=5",
+            "data.classes must be None (all ten) or a non-empty list of distinct digits 0-9, got 5",
+        ),
+        (
+            "digits.pretrain_classes=[0, 11]",
+            "digits.pretrain_classes must be a non-empty list of distinct digits 0-9, got [0, 11]",
+        ),
+        ("digits.seeds=[]", "digits.seeds must not be empty"),
+        ("digits.seeds=[-1]", "digits.seeds must be ints >= 0, got [-1]"),
+        ("digits.methods=[]", "digits.methods must not be empty"),
+        ("seed=-1", "seed must be in [0, 2**32), got -1"),
     ],
 )
 def test_out_of_range_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         load_config(None, ["loss.triplet=true", override])
+
+
+def test_paths_are_taken_as_written_and_other_values_as_decimal_yaml(tmp_path, monkeypatch):
+    # YAML would read 2024 as a number, cut "x #1" at the comment, refuse a leading "@" and read
+    # 010 as octal 8; a path's "~" is the home folder.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(
+        None,
+        [
+            "out=@runs/r x #1",
+            "data.root=2024",
+            "model.pretrained=~/w.pth",
+            "std.teacher=null",
+            "optim.epochs=010",
+        ],
+    )
+    assert cfg["out"] == "@runs/r x #1" and cfg["data"]["root"] == "2024"
+    assert cfg["model"]["pretrained"] == str(tmp_path / "w.pth") and cfg["std"]["teacher"] is None
+    assert cfg["optim"]["epochs"] == 10
+    cfg = load_config(None, ["stages=[{}, {}]", "stages.1.data.root=~/b", "stages.0.data.root=007"])
+    assert cfg["stages"][0]["data"]["root"] == "007"
+    assert trainer.stage_config(cfg, 1)["data"]["root"] == str(tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"command line: optim.lr=@x: not a valid YAML value .*'@'"):
+        load_config(None, ["optim.lr=@x"])
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {root: 2024}\n")
+    with pytest.raises(ConfigError, match=r"data.root must be a path, got 2024 \(quote it in a YAML file\)"):
+        load_config(f)
+    f.write_text("quick: null\n")
+    with pytest.raises(ConfigError, match=r"quick must be a mapping of key.sub: value overrides, got None"):
+        load_config(f, quick=True)
 
 
 def test_a_stage_float_written_1e_x_is_a_float():
@@ -476,6 +532,42 @@ def trained(tmp_path):
     return cfg, Path(cfg["out"]) / "last.pt"
 
 
+def test_a_refused_run_leaves_the_folders_config_and_a_new_run_warns(trained, tmp_path):
+    # config.yaml describes what the folder holds: a resume refused once the model is built (here
+    # a checkpoint for another number of classes) must not have rewritten it first.
+    cfg, path = trained
+    config_yaml = Path(cfg["out"]) / "config.yaml"
+    before = config_yaml.read_text()
+    ckpt = load_checkpoint(path)
+    ckpt["meta"]["num_classes"] = 4
+    torch.save(ckpt, path)
+    changed = digits_cfg(tmp_path, "optim.epochs=2", "eval.every=0")  # may change on resume
+    with pytest.raises(CheckpointError, match="num_classes: checkpoint has 4, this run has 3"):
+        run(changed, resume="auto", build=tiny_build, verbose=False)
+    assert config_yaml.read_text() == before
+    with pytest.warns(UserWarning, match=r"last.pt: a checkpoint of an earlier run .* --resume auto"):
+        run(changed, build=tiny_build)
+    assert "every: 0" in config_yaml.read_text()
+
+
+def test_a_training_set_that_makes_no_batch_is_an_error(tmp_path):
+    cfg = digits_cfg(tmp_path, "data.classes=[0]", "data.shots=1", "optim.epochs=1")
+    with pytest.raises(ValueError, match=r"training set \(1 images\) gives no batch of data.batch_size=8"):
+        run(cfg, build=tiny_build, verbose=False)
+    assert not (Path(cfg["out"]) / "config.yaml").exists()
+
+
+def test_an_unusable_backend_kwargs_or_out_is_a_config_error_before_training(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"out=.*file is a file, not a folder"):
+        run(digits_cfg(tmp_path, f"out={tmp_path / 'file'}"), build=tiny_build, verbose=False)
+    cfg = digits_cfg(tmp_path, "model.backend=cuda", "optim.epochs=1")
+    with pytest.raises(ConfigError, match=r"model.backend=cuda: .*backend 'cuda'"):
+        run(cfg, build=tiny_build, verbose=False)
+    with pytest.raises(ConfigError, match=r"model.kwargs=\{'foo': 1\}: .*unexpected keyword argument 'foo'"):
+        run(digits_cfg(tmp_path, "model.arch=digits", "model.kwargs={foo: 1}"), verbose=False)
+
+
 def test_resume_from_a_folder_says_which_file_to_give(trained):
     cfg, path = trained
     with pytest.raises(
@@ -750,6 +842,30 @@ def test_cli_user_errors_are_one_line_with_status_2_bugs_keep_their_traceback(tm
         '  File "x.py", line 1\nOSError: cannot read image q.jpg (item 3)'
     )
     assert cli.one_line(err) == "OSError: cannot read image q.jpg (item 3)"
+
+
+def test_cli_config_paths_with_an_equals_sign_and_path_flags(monkeypatch, tmp_path):
+    from ptl_fused.engine import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run", lambda cfg, resume=None: seen.update(cfg=cfg, resume=resume))
+    sweep = tmp_path / "lr=0.1"
+    sweep.mkdir()
+    (sweep / "cfg.yaml").write_text("optim: {lr: 0.1}\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = str(tmp_path / "r x #1")
+    assert cli.main([str(sweep / "cfg.yaml"), "--out", out, "--resume", "~/last.pt"]) == 0
+    assert seen["cfg"]["optim"]["lr"] == 0.1 and seen["cfg"]["out"] == out
+    assert seen["resume"] == str(tmp_path / "last.pt")
+
+
+def test_cli_digits_job_refuses_another_dataset(capsys):
+    from ptl_fused.engine import cli
+
+    assert cli.main(["data.name=folder", "data.root=/x"]) == 2
+    assert "the digits job (job: digits_transfer, the default without a config)" in capsys.readouterr().err
+    assert cli.main(["digits.shots=1000"]) == 2
+    assert re.search(r"digits.shots: 1000 but class 5 has only \d+ training images", capsys.readouterr().err)
 
 
 def test_cli_pretrained_flag_sets_the_model_weights_path(monkeypatch, tmp_path):

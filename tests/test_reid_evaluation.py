@@ -83,6 +83,19 @@ def test_shape_errors():
         evaluate(np.zeros(4), [1], [1, 2, 3, 4], [0], [1, 1, 1, 1])
 
 
+def test_ids_of_any_integer_dtype_and_count_errors():
+    # In uint8 the junk id -1 is 255: identity 255 must still be a real identity.
+    dist = np.array([[0.1, 0.5]])
+    cmc, mAP = evaluate(dist, np.array([255], np.uint8), np.array([255, 3], np.uint8), [0], [1, 1])
+    assert cmc[0] == 1 and mAP == 1
+    for bad in (dict(chunk_size=0), dict(chunk_size=-1), dict(max_rank=3.0)):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got"):
+            evaluate(dist, [1], [1, 3], [0], [1, 1], **bad)
+    with pytest.raises(ValueError, match="chunk must be an int >= 1, got 0"):
+        evaluate_features(torch.ones(1, 2), torch.ones(2, 2), [1], [1, 3], [0], [1, 1], chunk=0)
+
+
 def test_nan_distances_or_features_are_an_error_not_a_score():
     # NaN sorts last and an all-NaN row keeps gallery order: a diverged run scored rank-1 0.02,
     # mAP 0.06, without a word. The error names the query rows.

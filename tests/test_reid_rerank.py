@@ -94,6 +94,12 @@ def test_matches_slow_implementation(seed, k1, k2, lam):
     np.testing.assert_allclose(got, _slow_re_rank(*dists, k1, k2, lam), atol=2e-6)
 
 
+def test_bfloat16_distances_are_read_as_float32():
+    dists = [torch.as_tensor(d, dtype=torch.bfloat16) for d in _clusters(0, nq=3, ng=6)]
+    want = re_rank(*(d.float() for d in dists), k1=4, k2=2)
+    np.testing.assert_array_equal(re_rank(*dists, k1=4, k2=2), want)
+
+
 # Fewer points (query + gallery) than k1 + 1 and k2, the paper's defaults included.
 @pytest.mark.parametrize(
     ("nq", "ng", "k1", "k2"), [(2, 3, 20, 6), (1, 2, 20, 6), (2, 2, 3, 5), (3, 4, 20, 2)]

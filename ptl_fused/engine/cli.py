@@ -9,10 +9,12 @@ torchrun --nproc_per_node 2 -m ptl_fused.engine cifar10_densenet100_ptl data.roo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, config_dir, load_config
+from .config import CONFIG_SUFFIXES, ConfigError, config_dir, load_config
 from .trainer import run
 
 
@@ -24,7 +26,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(transfer learning on scikit-learn's digits, about 1.5 minutes on 2 CPU cores).",
         epilog=f"bundled configs: {names}",
     )
-    p.add_argument("args", nargs="*", help="[CONFIG] then overrides key.sub=value (values read as YAML)")
+    p.add_argument(
+        "args",
+        nargs="*",
+        help="[CONFIG] then overrides key.sub=value (values read as YAML; paths as written)",
+    )
     p.add_argument(
         "--resume", metavar="PATH|auto", help="continue from a checkpoint; auto: the last one in out"
     )
@@ -44,8 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     config, overrides = None, list(a.args)
-    if overrides and "=" not in overrides[0]:
+    if overrides and _is_config(overrides[0]):
         config = overrides.pop(0)
+    if a.resume not in (None, "auto"):
+        a.resume = os.path.expanduser(a.resume)
     if a.out is not None:
         overrides.append(f"out={a.out}")
     if a.pretrained is not None:
@@ -69,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptl-train: error: {one_line(e)} (--traceback shows where)", file=sys.stderr)
         return 2
     return 0
+
+
+def _is_config(arg: str) -> bool:
+    """The first argument names the config unless it is an override; a YAML file's path may hold
+    an "=" (a sweep folder lr=0.1/), an override's key never holds a "/"."""
+    key = arg.partition("=")[0]
+    return "=" not in arg or "/" in key or os.sep in key or Path(arg).suffix.lower() in CONFIG_SUFFIXES
 
 
 # What a user can fix (a config, a path, a dataset, a checkpoint): one line, exit status 2.

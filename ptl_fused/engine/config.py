@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -116,6 +117,10 @@ MINIMUMS: dict[str, int] = {
     "digits.shots": 1,
 }
 FREE_FORM = {"model.kwargs", "quick"}  # dicts whose keys are not checked here
+# Paths: an override's text is taken as it is (YAML would read "2024" as a number, cut a path at
+# " #" and choke on a leading "@" or "*"), and "~" is expanded. A stage may set data.root and
+# std.teacher too.
+PATHS = ("out", "data.root", "model.pretrained", "std.teacher")
 STAGE_SECTIONS = ("data", "optim", "loss", "std", "eval")
 # What may differ from the checkpoint's config when a run is resumed (a key, or a section and
 # everything under it): where the files are, how the run is watched and evaluated, the device,
@@ -188,7 +193,7 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
         merge(cfg, data, where=str(path))
     if quick:
-        for key, value in cfg["quick"].items():
+        for key, value in _quick_recipe(cfg).items():
             set_key(cfg, key, value, where="quick")
         # Its own folder, so a smoke run never mixes with (or overwrites) the full run's files;
         # an out= override below still wins.
@@ -198,13 +203,49 @@ def load_config(
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        given.append((key.strip(), yaml.safe_load(text)))
+        given.append((key.strip(), parse_value(key.strip(), text)))
         set_key(cfg, *given[-1], where="command line")
     if "stages" not in dict(given):  # stages= written on the command line: the user sees them
         for key, value in given:
             _check_not_shadowed(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def _quick_recipe(cfg: dict) -> dict:
+    """--quick's overrides: the config file's own `quick` where it has one (it replaces the
+    default recipe: the digits job's sets its seeds and epochs, not a batch limit)."""
+    recipe = cfg["quick"]
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"quick must be a mapping of key.sub: value overrides, got {recipe!r}")
+    return recipe
+
+
+def parse_value(key: str, text: str) -> Any:
+    """An override's value: YAML (numbers, lists, mappings, null), except that a path setting
+    keeps its text (PATHS; "" or "null" unsets one that may be None) and digits with a leading
+    zero stay decimal (YAML 1.1 reads 010 as octal 8)."""
+    if _is_path(key):
+        if text.strip() in ("", "null") and key.rpartition(".")[2] != "out":
+            return None
+        return text
+    if re.fullmatch(r"[+-]?0[0-9]+", text.strip()):
+        return int(text.strip(), 10)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"command line: {key}={text}: not a valid YAML value ({problem}); to pass it as a "
+            f"string, quote it for YAML: {key}='\"...\"'"
+        ) from None
+
+
+def _is_path(key: str) -> bool:
+    parts = key.split(".")
+    if parts[0] == "stages" and len(parts) > 2:  # stages.N.data.root
+        parts = parts[2:]
+    return ".".join(parts) in PATHS
 
 
 def merge(cfg: dict, update: dict, where: str, prefix: str = "") -> None:
@@ -297,6 +338,7 @@ def get(cfg: dict, dotted: str) -> Any:
 def validate(cfg: dict) -> None:
     """Check types against the defaults and the fixed choices; raises ConfigError."""
     _check_types(cfg, DEFAULTS, "")
+    _check_paths(cfg)
     for key, allowed in CHOICES.items():
         if get(cfg, key) not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {get(cfg, key)!r}")
@@ -306,6 +348,21 @@ def validate(cfg: dict) -> None:
     mb = cfg["train"]["max_batches"]  # None (every batch) has no type to check against
     if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
         raise ConfigError(f"train.max_batches must be None (all) or an int >= 1, got {mb!r}")
+    seed = cfg["seed"]
+    if not 0 <= seed < 2**32:  # numpy's seed range
+        raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
+    shots = cfg["data"]["shots"]
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+        raise ConfigError(f"data.shots must be None (all) or an int >= 1, got {shots!r}")
+    _check_digits("data.classes", cfg["data"]["classes"], may_be_none=True)
+    for key in ("digits.pretrain_classes", "digits.transfer_classes"):
+        _check_digits(key, get(cfg, key))
+    for key in ("digits.seeds", "digits.methods"):
+        if not get(cfg, key):
+            raise ConfigError(f"{key} must not be empty")
+    bad_seeds = [s for s in cfg["digits"]["seeds"] if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad_seeds:
+        raise ConfigError(f"digits.seeds must be ints >= 0, got {bad_seeds}")
     for key in ("std.lam", "data.random_erasing"):
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {get(cfg, key)}")
@@ -324,6 +381,21 @@ def validate(cfg: dict) -> None:
             raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
+def _check_digits(key: str, value: Any, may_be_none: bool = False) -> None:
+    """Digit classes: a non-empty list of distinct digits 0-9 (None: all ten, where allowed)."""
+    if value is None and may_be_none:
+        return
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 9 for c in value)
+        and len(set(value)) == len(value)
+    )
+    if not ok:
+        what = "None (all ten) or " if may_be_none else ""
+        raise ConfigError(f"{key} must be {what}a non-empty list of distinct digits 0-9, got {value!r}")
+
+
 def stage_config(cfg: dict, index: int) -> dict:
     """The config of stage `index`: the top level with the stage's sections merged in, typed
     like the top level (a stage's `lr: 1e-3`, which YAML reads as a string, becomes a float)."""
@@ -332,6 +404,7 @@ def stage_config(cfg: dict, index: int) -> dict:
     if cfg["stages"]:
         merge(out, cfg["stages"][index], where=f"stages[{index}]")
         _check_types(out, DEFAULTS, "")
+        _check_paths(out)
     return out
 
 
@@ -388,6 +461,19 @@ def _check_types(cfg: dict, ref: dict, prefix: str) -> None:
 
 
 _NULLABLE = {"model.cell"}
+
+
+def _check_paths(cfg: dict) -> None:
+    """A path is a string (YAML reads an unquoted 2024 in a file as a number); "~" expanded."""
+    for key in PATHS:
+        section, _, name = key.rpartition(".")
+        node = get(cfg, section) if section else cfg
+        value = node[name]
+        if value is None and key != "out":
+            continue
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a path, got {value!r} (quote it in a YAML file)")
+        node[name] = os.path.expanduser(value)
 
 
 def dump(cfg: dict) -> str:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import set_key, validate
+from .data import digits_split
 from .distributed import is_main_process
 from .trainer import FinishedRunWarning, ModelFactory, build_model_from_config, run
 
@@ -121,6 +122,12 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
         raise ValueError(
             "the digits job runs many trainings: resume it with --resume auto, not a single file"
         )
+    if cfg["data"]["name"] != "digits":
+        raise ValueError(
+            f"the digits job (job: digits_transfer, the default without a config) trains on "
+            f"scikit-learn's digits, not data.name={cfg['data']['name']!r}: name a config for that "
+            "dataset, or set job=train"
+        )
     unknown = set(d["methods"]) - set(CELLS)
     if unknown:
         raise ValueError(f"digits.methods: unknown {sorted(unknown)}; choose from {list(CELLS)}")
@@ -131,6 +138,11 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
         raise ValueError(
             f"the digits job plots test accuracy after every epoch: eval.every must be 1, got {every}"
         )
+    for seed in d["seeds"]:  # too many shots for a class: found now, not after pre-training
+        try:
+            digits_split(d["transfer_classes"], d["shots"], seed)
+        except ValueError as e:
+            raise ValueError(f"digits.shots: {e}".replace("data.shots=", "")) from None
     methods = sorted(d["methods"], key=lambda m: m == "std")  # the teacher first
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     pretrain_runs: list[dict] = []

@@ -58,15 +58,20 @@ def build_model_from_config(model_cfg: dict, num_classes: int) -> nn.Module:
     from ptl_fused import set_recompute
     from ptl_fused.models import build_model
 
-    model = build_model(
-        model_cfg["arch"],
-        num_classes,
-        cell=model_cfg["cell"],
-        head=model_cfg["head"],
-        backend=model_cfg["backend"],
-        pretrained=model_cfg["pretrained"],
-        **model_cfg["kwargs"],
-    )
+    try:
+        model = build_model(
+            model_cfg["arch"],
+            num_classes,
+            cell=model_cfg["cell"],
+            head=model_cfg["head"],
+            backend=model_cfg["backend"],
+            pretrained=model_cfg["pretrained"],
+            **model_cfg["kwargs"],
+        )
+    except TypeError as e:  # a model.kwargs key the network's builder does not take
+        if "keyword argument" not in str(e):
+            raise
+        raise ConfigError(f"model.kwargs={model_cfg['kwargs']}: {e}") from None
     set_recompute(model, model_cfg.get("recompute", False))  # a checkpoint's config may predate the key
     return model
 
@@ -110,6 +115,19 @@ def find_resume(cfg: dict, resume: str | None) -> Path | None:
     return found[-1] if found else None
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """model.backend can run the cells on the training device: found before anything is written,
+    not at the first step."""
+    if backend == "auto":
+        return
+    from ptl_fused.backends import resolve
+
+    try:
+        resolve(backend, device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"model.backend={backend}: {e}") from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -148,6 +166,8 @@ def run(
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     out = Path(cfg["out"])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file, not a folder")
     ckpt_path = find_resume(cfg, resume)
     if resume == "auto" and ckpt_path is None and info.is_main and verbose:
         print(f"--resume auto: no checkpoint under {out}, starting a new run", flush=True)
@@ -175,9 +195,24 @@ def run(
     # missing or unusable dataset fails here, not after the earlier stages have trained for
     # hours. (The builders draw no random numbers: their seeds are the config's.)
     tasks = [build_task(stage_config(cfg, s), device) for s in range(first, num_stages(cfg))]
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump(cfg))
+    check_backend(cfg["model"]["backend"], device)
+    if ckpt is None and resume is None and info.is_main and verbose:
+        earlier = find_resume(cfg, "auto")
+        if earlier is not None:
+            warnings.warn(
+                f"{earlier}: a checkpoint of an earlier run in out={out}; this new run replaces it "
+                "(pass --resume auto to continue that run instead)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def write_config() -> None:
+        # Once the first stage's model, checkpoint, teacher and data loader are in place: a run
+        # refused there leaves the folder's config.yaml describing what is in it.
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(dump(cfg))
+
     results = list(ckpt.get("previous_stages", [])) if ckpt is not None else []
     model = None
     for s in range(first, num_stages(cfg)):
@@ -205,6 +240,7 @@ def run(
             results,
             verbose,
             cfg,
+            on_ready=write_config if s == first else None,
         )
         results.append(result)
     if info.is_main:
@@ -297,9 +333,11 @@ def train_stage(
     previous: list[dict],
     verbose: bool = True,
     run_cfg: dict | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict:
     """Train one dataset for cfg['optim']['epochs'] epochs; returns its history and results.
-    cfg: the stage's config; run_cfg: the whole run's (saved in the checkpoints)."""
+    cfg: the stage's config; run_cfg: the whole run's (saved in the checkpoints); on_ready:
+    called once everything is set up, before the first epoch."""
     o, ident = cfg["optim"], identity(cfg, task.num_classes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -336,6 +374,14 @@ def train_stage(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     loader, sampler = make_train_loader(task, cfg, info, device)
+    if len(loader) == 0:
+        raise ValueError(
+            f"{task.name}: the training set ({len(task.train_labels)} images) gives no batch of "
+            f"data.batch_size={cfg['data']['batch_size']} per process (a last batch of one image is "
+            "dropped: BatchNorm cannot train on it); lower data.batch_size or add images"
+        )
+    if on_ready is not None:
+        on_ready()
     log = EpochLog(folder, cfg["train"]["tensorboard"]) if info.is_main else None
     # The other ranks' RNG states at the last epoch end, for rank 0's checkpoints (DDP).
     others: list[dict] = []

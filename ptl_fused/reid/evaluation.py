@@ -20,6 +20,7 @@ full (num_query, num_gallery) matrix is never built.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import numpy as np
@@ -125,9 +126,21 @@ class _RankAccumulator:
         return (self.cmc_sum / (self.valid * repeats)).cpu().numpy(), self.ap_sum / self.valid
 
 
+def _as_ids(a, name: str) -> torch.Tensor:
+    # Integer ids as int64: in uint8 the junk id -1 would read as 255, a real identity.
+    t = _as_tensor(a, name, 1)
+    return t if t.is_floating_point() else t.long()
+
+
+def _check_counts(**counts: int) -> None:
+    for name, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+
+
 def _check_ids(num_q: int, num_g: int, q_pids, g_pids, q_camids, g_camids, what: str):
-    q_pids, g_pids = _as_tensor(q_pids, "q_pids", 1), _as_tensor(g_pids, "g_pids", 1)
-    q_camids, g_camids = _as_tensor(q_camids, "q_camids", 1), _as_tensor(g_camids, "g_camids", 1)
+    q_pids, g_pids = _as_ids(q_pids, "q_pids"), _as_ids(g_pids, "g_pids")
+    q_camids, g_camids = _as_ids(q_camids, "q_camids"), _as_ids(g_camids, "g_camids")
     if len(q_pids) != num_q or len(q_camids) != num_q:
         raise ValueError(
             f"{what} has {num_q} query rows but q_pids/q_camids have {len(q_pids)}/{len(q_camids)}"
@@ -158,6 +171,7 @@ def evaluate(
     q_pids/q_camids: (num_q,); g_pids/g_camids: (num_g,). protocol "market" or "cuhk03"
     (num_repeats random single-shot galleries, seeded by `seed`; see the module docstring).
     """
+    _check_counts(max_rank=max_rank, chunk_size=chunk_size)
     dist = _as_tensor(distmat, "distmat", 2)
     num_q, num_g = dist.shape
     q_pids, g_pids, q_camids, g_camids = _check_ids(
@@ -193,6 +207,7 @@ def evaluate_features(
     O(chunk * num_g). Same CMC and mAP as building the full matrix (exactly, when the distance
     arithmetic is exact; otherwise up to float rounding of near-ties).
     """
+    _check_counts(max_rank=max_rank, chunk=chunk)
     qf, gf = _as_tensor(qf, "qf", 2), _as_tensor(gf, "gf", 2)
     device = torch.device(device) if device is not None else qf.device
     qf, gf = qf.to(device), gf.to(device)

@@ -34,7 +34,7 @@ import torch
 
 def _as_array(a) -> np.ndarray:
     if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
+        a = a.detach().cpu().float().numpy()  # numpy has no bfloat16
     return np.asarray(a, dtype=np.float32)
 
 
