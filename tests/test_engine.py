@@ -643,6 +643,12 @@ def test_truncated_and_corrupt_checkpoints_name_the_file(trained, tmp_path):
         load_checkpoint(plain)
     with pytest.raises(CheckpointError, match="missing.pt does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="/dev/null is not a regular file"):
+        load_checkpoint("/dev/null")
+    hand_made = tmp_path / "hand_made.pt"
+    torch.save({"format": load_checkpoint(path)["format"], "model": {}}, hand_made)
+    with pytest.raises(CheckpointError, match=r"hand_made.pt lacks \['meta', 'stage', 'epoch', 'optimizer'"):
+        load_checkpoint(hand_made)
 
 
 def test_mismatched_checkpoint_names_the_file_and_mismatch(trained, tmp_path):

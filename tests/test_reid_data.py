@@ -79,6 +79,13 @@ def test_dukemtmc_has_eight_cameras(tmp_path):
         build_reid_dataset("dukemtmcreid", tmp_path, verbose=False)
 
 
+def test_hidden_files_are_not_images(tmp_path):
+    _market(tmp_path, ["0001_c1s1_0.jpg"], ["0002_c1s1_0.jpg"], ["0002_c2s1_0.jpg"])
+    (tmp_path / "query" / "._0002_c1s1_0.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble
+    ds = build_reid_dataset("market1501", tmp_path, verbose=False)
+    assert [Path(p).name for p, _, _ in ds.query] == ["0002_c1s1_0.jpg"]
+
+
 def test_market_errors_name_file_and_pattern(tmp_path):
     _market(tmp_path, ["0001_c1s1_0.jpg"], ["0002_c1s1_0.jpg"], ["0002_c2s1_0.jpg", "img_002.jpg"])
     with pytest.raises(ValueError, match=r"malformed image name .*img_002\.jpg: expected 'PPPP_cC\.\.\.jpg'"):

@@ -142,7 +142,8 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
             f"last checkpoint is {path / 'last.pt'})"
         )
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged zip/pickle
@@ -153,9 +154,27 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> dict:
         raise CheckpointError(
             f"{path} is not a ptl_fused engine checkpoint (expected a dict with format={FORMAT!r})"
         )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:  # made by hand, or by another tool that set the format
+        raise CheckpointError(f"checkpoint {path} lacks {missing} (not written by this engine?)")
     if expect is not None:
         check_identity(ckpt, path, expect)
     return ckpt
+
+
+# What a resume and an STD teacher read (the optional keys came later and have defaults).
+REQUIRED_KEYS = (
+    "meta",
+    "stage",
+    "epoch",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "config",
+    "history",
+)
 
 
 def check_identity(ckpt: dict, path: str | Path, expect: dict) -> None:

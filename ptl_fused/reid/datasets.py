@@ -93,7 +93,12 @@ def _make(name: str, train: list[Item], query: list[Item], gallery: list[Item]) 
 
 def _images(folder: Path) -> list[Path]:
     _require(folder, "image folder")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+    # Hidden files are no images: macOS leaves "._NAME.jpg" metadata beside each copied file.
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
 
 
 # ---------------------------------------------------------------- Market-1501 / DukeMTMC-reID
