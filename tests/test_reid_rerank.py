@@ -129,8 +129,15 @@ def test_shape_errors():
     q_g, q_q, g_g = _clusters(2, nq=3, ng=5)
     with pytest.raises(ValueError, match=r"expected q_g_dist \(Q, G\), q_q_dist \(Q, Q\), g_g_dist \(G, G\)"):
         re_rank(q_g, q_q, g_g[:4, :4])
-    with pytest.raises(ValueError, match="k1 and k2 must be >= 1"):
+    with pytest.raises(ValueError, match="k1 must be an int >= 1, got 0"):
         re_rank(q_g, q_q, g_g, k1=0)
+    with pytest.raises(ValueError, match="k2 must be an int >= 1, got 2.5"):
+        re_rank(q_g, q_q, g_g, k2=2.5)
+    with pytest.raises(ValueError, match=r"lambda_value must be in \[0, 1\], got 1.5"):
+        re_rank(q_g, q_q, g_g, lambda_value=1.5)
+    for nq, ng in ((1, 0), (0, 0)):
+        with pytest.raises(ValueError, match=f"at least one query and one gallery image, got {nq} x {ng}"):
+            re_rank(np.zeros((nq, ng)), np.zeros((nq, nq)), np.zeros((ng, ng)))
 
 
 def test_non_finite_or_all_zero_distances_are_an_error_not_nan():

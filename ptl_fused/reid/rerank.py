@@ -27,6 +27,8 @@ not float32 (numpy float64, say) are first copied to float32, adding 4 (Q^2 + QG
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -78,8 +80,13 @@ def re_rank(
             f"expected q_g_dist (Q, G), q_q_dist (Q, Q), g_g_dist (G, G); got "
             f"{q_g.shape}, {q_q.shape}, {g_g.shape}"
         )
-    if k1 < 1 or k2 < 1:
-        raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
+    if num_q == 0 or num_g == 0:
+        raise ValueError(f"re_rank needs at least one query and one gallery image, got {num_q} x {num_g}")
+    for name, k in (("k1", k1), ("k2", k2)):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {k!r}")
+    if not 0.0 <= lambda_value <= 1.0:
+        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
     # The reference squares the pooled matrix [[q_q, q_g], [q_g^T, g_g]], divides each column by its
     # maximum and transposes. Building the transpose directly and dividing its rows gives the same
     # float32 values with a single (N, N) copy, the memory peak; the rest is done in place.
