@@ -29,12 +29,6 @@ class Backend:
     bconv_cell_v2: Callable
     bconv_cell_eval: Callable  # the zero-state inference shortcut (python_ref/eval_path.py)
     unavailable: Callable[[], str | None]  # why it cannot run here, or None
-    # Plain ATen: also runs on every other device ATen has (meta for shapes, mps, xpu, ...),
-    # untested there beyond meta; device_types are the ones the tests check it on.
-    any_device: bool = False
-
-    def runs_on(self, device: torch.device) -> bool:
-        return self.any_device or device.type in self.device_types
 
 
 def _always() -> None:
@@ -112,7 +106,6 @@ BACKENDS: dict[str, Backend] = {
         _checkpointed(python_ref.bconv_cell_v2),
         python_ref.bconv_cell_eval,
         _always,
-        any_device=True,
     ),
     "cpu": Backend("cpu", ("cpu",), _cpp_cell, _cpp_cell_v2, _cpp_eval, _cpu_unavailable),
     "cuda": Backend("cuda", ("cuda",), _cpp_cell, _cpp_cell_v2, _cpp_eval, _cuda_unavailable),
@@ -152,7 +145,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ["reference"]):
             b = BACKENDS[name]
-            if b.runs_on(device) and b.unavailable() is None:
+            if device.type in b.device_types and b.unavailable() is None:
                 return b
         raise RuntimeError(f"ptl_fused: no backend runs on {device}")
     b = BACKENDS.get(backend)
@@ -166,7 +159,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
         raise RuntimeError(
             f"backend {backend!r} is not available: {why}; available here: {available_backends()}"
         )
-    if not b.runs_on(device):
+    if device.type not in b.device_types:
         raise ValueError(
             f"backend {backend!r} runs on {'/'.join(b.device_types)} tensors, but x is on {device}"
         )

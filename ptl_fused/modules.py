@@ -172,6 +172,10 @@ class _BConvCellBase(nn.Module):
     def _apply(self, fn, recurse=True):
         # Follow .to(device) / .cuda(), but keep the state's own (float32) precision.
         super()._apply(fn, recurse)
+        if self.state is not None and _as_tuple(self.state)[0].is_meta:
+            # Left by a shape pass on the meta device: no values to move (to_empty). Forgotten,
+            # with v2's batch count, which to_empty leaves uninitialised.
+            self.reset_state()
         if self.state is not None:
             moved = [s.to(fn(s[:0]).device) for s in _as_tuple(self.state)]
             self.state = moved[0] if isinstance(self.state, Tensor) else tuple(moved)

@@ -56,10 +56,12 @@ def _differentiated_forward(tensors: tuple[Tensor | None, ...]) -> bool:
 
 
 def _resolve(backend: str, x: Tensor, *tensors: Tensor | None) -> tuple[backends.Backend, bool]:
-    """(the backend to run, whether it is the chosen one): the reference instead while exporting
-    or under forward AD / torch.func transforms (same values, the gradients those need; plain
-    ops, so no recomputation either)."""
-    if exporting():  # before resolving: a model built for backend="cuda" exports on a CPU machine
+    """(the backend to run, whether it is the chosen one): the reference instead while exporting,
+    on meta tensors (shapes only: the reference's plain ops have meta kernels) or under forward
+    AD / torch.func transforms (same values, the gradients those need; plain ops, so no
+    recomputation either)."""
+    # Before resolving: a model built for backend="cuda" exports, or runs on meta, on a CPU machine.
+    if exporting() or x.device.type == "meta":
         return backends.BACKENDS["reference"], False
     impl = backends.resolve(backend, x.device)
     if _differentiated_forward((x, *tensors)):

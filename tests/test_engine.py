@@ -4,6 +4,7 @@ checkpoint errors, sequential fine-tuning and STD, with a tiny stand-in network 
 from __future__ import annotations
 
 import re
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -153,7 +154,9 @@ def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones():
             "digits.pretrain_classes must be a non-empty list of distinct digits 0-9, got [0, 11]",
         ),
         ("digits.seeds=[]", "digits.seeds must not be empty"),
-        ("digits.seeds=[-1]", "digits.seeds must be ints >= 0, got [-1]"),
+        ("digits.seeds=[-1]", "digits.seeds must be ints in [0, 2**32), got [-1]"),
+        ("digits.seeds=[0, 4294967296]", "digits.seeds must be ints in [0, 2**32), got [4294967296]"),
+        ("out=null", "out must be str, got None"),
         ("digits.methods=[]", "digits.methods must not be empty"),
         ("seed=-1", "seed must be in [0, 2**32), got -1"),
     ],
@@ -180,6 +183,9 @@ def test_paths_are_taken_as_written_and_other_values_as_decimal_yaml(tmp_path, m
     assert cfg["out"] == "@runs/r x #1" and cfg["data"]["root"] == "2024"
     assert cfg["model"]["pretrained"] == str(tmp_path / "w.pth") and cfg["std"]["teacher"] is None
     assert cfg["optim"]["epochs"] == 10
+    cfg = load_config(None, ["name=08", "data.root= '/my data' ", 'model.pretrained="/w #1.pth"'])
+    assert cfg["name"] == "08" and cfg["data"]["root"] == "/my data"  # a string key keeps its digits
+    assert cfg["model"]["pretrained"] == "/w #1.pth"
     cfg = load_config(None, ["stages=[{}, {}]", "stages.1.data.root=~/b", "stages.0.data.root=007"])
     assert cfg["stages"][0]["data"]["root"] == "007"
     assert trainer.stage_config(cfg, 1)["data"]["root"] == str(tmp_path / "b")
@@ -545,14 +551,16 @@ def test_a_refused_run_leaves_the_folders_config_and_a_new_run_warns(trained, tm
     with pytest.raises(CheckpointError, match="num_classes: checkpoint has 4, this run has 3"):
         run(changed, resume="auto", build=tiny_build, verbose=False)
     assert config_yaml.read_text() == before
-    with pytest.warns(UserWarning, match=r"last.pt: a checkpoint of an earlier run .* --resume auto"):
-        run(changed, build=tiny_build)
+    with pytest.warns(
+        trainer.ReplacesRunWarning, match=r"last.pt: a checkpoint of an earlier run .* --resume auto"
+    ):
+        run(changed, build=tiny_build, verbose=False)
     assert "every: 0" in config_yaml.read_text()
 
 
 def test_a_training_set_that_makes_no_batch_is_an_error(tmp_path):
     cfg = digits_cfg(tmp_path, "data.classes=[0]", "data.shots=1", "optim.epochs=1")
-    with pytest.raises(ValueError, match=r"training set \(1 images\) gives no batch of data.batch_size=8"):
+    with pytest.raises(ValueError, match=r"training set \(1 images\) gives no batch of 8 images per process"):
         run(cfg, build=tiny_build, verbose=False)
     assert not (Path(cfg["out"]) / "config.yaml").exists()
 
@@ -562,8 +570,16 @@ def test_an_unusable_backend_kwargs_or_out_is_a_config_error_before_training(tmp
     with pytest.raises(ConfigError, match=r"out=.*file is a file, not a folder"):
         run(digits_cfg(tmp_path, f"out={tmp_path / 'file'}"), build=tiny_build, verbose=False)
     cfg = digits_cfg(tmp_path, "model.backend=cuda", "optim.epochs=1")
-    with pytest.raises(ConfigError, match=r"model.backend=cuda: .*backend 'cuda'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.backend=cuda cannot run the cells on the training device \(cpu\): .*backend 'cuda'",
+    ):
         run(cfg, build=tiny_build, verbose=False)
+    run(
+        digits_cfg(tmp_path, "model.backend=cuda", "model.cell=null", "optim.epochs=1"),
+        build=tiny_build,
+        verbose=False,
+    )
     with pytest.raises(ConfigError, match=r"model.kwargs=\{'foo': 1\}: .*unexpected keyword argument 'foo'"):
         run(digits_cfg(tmp_path, "model.arch=digits", "model.kwargs={foo: 1}"), verbose=False)
 
@@ -863,6 +879,10 @@ def test_cli_config_paths_with_an_equals_sign_and_path_flags(monkeypatch, tmp_pa
     assert cli.main([str(sweep / "cfg.yaml"), "--out", out, "--resume", "~/last.pt"]) == 0
     assert seen["cfg"]["optim"]["lr"] == 0.1 and seen["cfg"]["out"] == out
     assert seen["resume"] == str(tmp_path / "last.pt")
+    monkeypatch.chdir(tmp_path)  # relative: lr=0.1/cfg.yaml's key "lr" holds no "/"
+    assert cli.main(["lr=0.1/cfg.yaml", "out=runs/a.yml"]) == 0
+    assert seen["cfg"]["optim"]["lr"] == 0.1 and seen["cfg"]["out"] == "runs/a.yml"
+    assert not cli._is_config("out=runs/a.yml")  # an override, though its value ends in .yml
 
 
 def test_cli_digits_job_refuses_another_dataset(capsys):
@@ -872,6 +892,28 @@ def test_cli_digits_job_refuses_another_dataset(capsys):
     assert "the digits job (job: digits_transfer, the default without a config)" in capsys.readouterr().err
     assert cli.main(["digits.shots=1000"]) == 2
     assert re.search(r"digits.shots: 1000 but class 5 has only \d+ training images", capsys.readouterr().err)
+
+
+def test_digits_job_over_an_earlier_one_warns_once(monkeypatch, tmp_path):
+    from ptl_fused.engine import digits_job
+
+    for run_dir in ("seed0/pretrain", "seed0/ptl"):
+        (tmp_path / run_dir).mkdir(parents=True)
+        (tmp_path / run_dir / "last.pt").write_bytes(b"")
+
+    def stop(*args):
+        raise KeyboardInterrupt  # the job's trainings: not needed here
+
+    monkeypatch.setattr(digits_job, "_run_all", stop)
+    cfg = load_config("digits", [f"out={tmp_path}"])
+    with pytest.warns(trainer.ReplacesRunWarning, match=r"earlier digits job \(2 runs\)") as seen:
+        with pytest.raises(KeyboardInterrupt):
+            digits_job.run_digits_job(cfg)
+    assert len(seen) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", trainer.ReplacesRunWarning)
+        with pytest.raises(KeyboardInterrupt):
+            digits_job.run_digits_job(cfg, resume="auto")
 
 
 def test_cli_pretrained_flag_sets_the_model_weights_path(monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import python_ref
-from ptl_fused import BConvCell, BConvCellV2, ops, reset_states
+from ptl_fused import BConvCell, BConvCellV2, reset_states
 
 from cells import backend_params
 
@@ -213,11 +213,14 @@ def test_exporting_a_training_cell_is_a_clear_error(v2, strict):
     torch.export.export(cell.eval(), (torch.randn(2, 3, 5, 5),), strict=strict)
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_cells_run_on_meta_tensors_for_shapes(v2):
+def test_cells_run_on_meta_tensors_for_shapes(v2, backend):
     # Shape inference without memory, as nn.Conv2d allows (a model built on meta, FLOP counters):
-    # "auto" takes the reference there; training, eval and backward give the CPU's shapes.
-    make = lambda: (BConvCellV2 if v2 else BConvCell)(3, 4, kernel_size=3, stride=2, padding=1)  # noqa: E731
+    # the reference runs there whatever the backend; training, eval and backward give the CPU's
+    # shapes, and to_empty() drops the meta state it left (and v2's batch count).
+    cls = BConvCellV2 if v2 else BConvCell
+    make = lambda: cls(3, 4, kernel_size=3, stride=2, padding=1, backend=backend)  # noqa: E731
     cpu = make()
     with torch.device("meta"):
         meta = make()
@@ -229,8 +232,13 @@ def test_cells_run_on_meta_tensors_for_shapes(v2):
         assert y.device.type == "meta" and y.shape == want.shape
     meta.train()(x).sum().backward()
     assert x.grad.shape == x.shape and meta.weight.grad.shape == meta.weight.shape
-    with pytest.raises(ValueError, match="backend 'cpu' runs on cpu tensors, but x is on meta"):
-        ops.bconv_cell(x, torch.randn(16, 3, 3, 3, device="meta"), None, None, 2, 1, backend="cpu")
+    assert meta.state is not None
+    meta.to_empty(device="cpu")
+    assert meta.state is None and (not v2 or int(meta.num_batches) == 0)
+    meta.load_state_dict(cpu.state_dict())
+    cpu.reset_state()
+    x = torch.randn(2, 3, 9, 7)
+    torch.testing.assert_close(meta(x), cpu(x))
 
 
 def test_constructor_takes_numpy_and_other_numbers_as_python_ones():

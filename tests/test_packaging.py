@@ -43,9 +43,13 @@ def test_sdist_holds_everything_the_build_and_the_package_need(tmp_path):
         | _source_files(tree, "ptl_fused", (".py", ".yaml", ".typed"))
         | _source_files(tree, "python_ref", (".py",))
         | _source_files(tree, "tests", (".py", ".cpp", ".h"))
+        | _source_files(tree, "bench", (".py",))
+        | _source_files(tree, "examples", (".py",))
         | {"setup.py", "pyproject.toml", "README.md"}
     )
     assert any(f.endswith(".cuh") for f in needed) and "ptl_fused/py.typed" in needed  # the globs work
     missing = sorted(needed - shipped)
     assert not missing, f"the sdist lacks {len(missing)} files the build or the tests read: {missing[:20]}"
-    assert not {f for f in shipped if f.endswith((".so", ".pyc"))}, "the sdist ships build outputs"
+    assert not {f for f in shipped if f.endswith((".so", ".pyc")) or f.startswith("bench/results/")}, (
+        "the sdist ships build outputs or benchmark results"
+    )

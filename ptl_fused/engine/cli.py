@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import CONFIG_SUFFIXES, ConfigError, config_dir, load_config
+from .config import ConfigError, config_dir, load_config
 from .trainer import run
 
 
@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_config(arg: str) -> bool:
-    """The first argument names the config unless it is an override; a YAML file's path may hold
-    an "=" (a sweep folder lr=0.1/), an override's key never holds a "/"."""
+    """The first argument names the config unless it is an override. A YAML file's path may hold
+    an "=" (a sweep folder lr=0.1/): an existing file is the config, and so is a path whose part
+    before the "=" holds a "/", which no override key does."""
     key = arg.partition("=")[0]
-    return "=" not in arg or "/" in key or os.sep in key or Path(arg).suffix.lower() in CONFIG_SUFFIXES
+    return "=" not in arg or Path(arg).is_file() or "/" in key or os.sep in key
 
 
 # What a user can fix (a config, a path, a dataset, a checkpoint): one line, exit status 2.

@@ -226,10 +226,11 @@ def parse_value(key: str, text: str) -> Any:
     keeps its text (PATHS; "" or "null" unsets one that may be None) and digits with a leading
     zero stay decimal (YAML 1.1 reads 010 as octal 8)."""
     if _is_path(key):
-        if text.strip() in ("", "null") and key.rpartition(".")[2] != "out":
-            return None
-        return text
-    if re.fullmatch(r"[+-]?0[0-9]+", text.strip()):
+        text = text.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # written quoted for YAML
+            return text[1:-1]
+        return None if text in ("", "null") else text  # None: out says it must be a path
+    if re.fullmatch(r"[+-]?0[0-9]+", text.strip()) and _is_int_key(key):
         return int(text.strip(), 10)
     try:
         return yaml.safe_load(text)
@@ -241,11 +242,22 @@ def parse_value(key: str, text: str) -> Any:
         ) from None
 
 
-def _is_path(key: str) -> bool:
+def _schema_key(key: str) -> str:
+    """The DEFAULTS key of an override key: stages.N.data.root -> data.root."""
     parts = key.split(".")
-    if parts[0] == "stages" and len(parts) > 2:  # stages.N.data.root
-        parts = parts[2:]
-    return ".".join(parts) in PATHS
+    return ".".join(parts[2:] if parts[0] == "stages" and len(parts) > 2 else parts)
+
+
+def _is_path(key: str) -> bool:
+    return _schema_key(key) in PATHS
+
+
+def _is_int_key(key: str) -> bool:
+    try:
+        default = get(DEFAULTS, _schema_key(key))
+    except (KeyError, TypeError):
+        return False
+    return isinstance(default, int) and not isinstance(default, bool)
 
 
 def merge(cfg: dict, update: dict, where: str, prefix: str = "") -> None:
@@ -360,9 +372,13 @@ def validate(cfg: dict) -> None:
     for key in ("digits.seeds", "digits.methods"):
         if not get(cfg, key):
             raise ConfigError(f"{key} must not be empty")
-    bad_seeds = [s for s in cfg["digits"]["seeds"] if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    bad_seeds = [
+        s
+        for s in cfg["digits"]["seeds"]
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32
+    ]
     if bad_seeds:
-        raise ConfigError(f"digits.seeds must be ints >= 0, got {bad_seeds}")
+        raise ConfigError(f"digits.seeds must be ints in [0, 2**32), got {bad_seeds}")
     for key in ("std.lam", "data.random_erasing"):
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {get(cfg, key)}")

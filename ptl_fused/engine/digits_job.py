@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .config import set_key, validate
 from .data import digits_split
 from .distributed import is_main_process
-from .trainer import FinishedRunWarning, ModelFactory, build_model_from_config, run
+from .trainer import FinishedRunWarning, ModelFactory, ReplacesRunWarning, build_model_from_config, run
 
 DESCRIPTIONS = {
     "baseline": "pre-trained plain CNN, fine-tuned",
@@ -142,7 +142,17 @@ def run_digits_job(cfg: dict, resume: str | None = None, build: ModelFactory | N
         try:
             digits_split(d["transfer_classes"], d["shots"], seed)
         except ValueError as e:
+            if not str(e).startswith("data.shots="):
+                raise
             raise ValueError(f"digits.shots: {e}".replace("data.shots=", "")) from None
+    earlier = sorted(out.glob("seed*/**/last.pt")) if resume is None else []
+    if earlier and is_main_process():
+        warnings.warn(
+            f"{out} holds the checkpoints of an earlier digits job ({len(earlier)} runs); this new job "
+            "replaces them (pass --resume auto to continue that job instead)",
+            ReplacesRunWarning,
+            stacklevel=2,
+        )
     methods = sorted(d["methods"], key=lambda m: m == "std")  # the teacher first
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     pretrain_runs: list[dict] = []
@@ -177,6 +187,7 @@ def _run_all(
     # not apply (the job sets its own epochs).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FinishedRunWarning)
+        warnings.simplefilter("ignore", ReplacesRunWarning)  # said once, by run_digits_job
         for seed in d["seeds"]:
             _say(f"-- seed {seed}: pre-train the plain CNN on digits {d['pretrain_classes']}", flush=True)
             pre = run(pretrain_config(cfg, seed), resume, build, verbose=False)

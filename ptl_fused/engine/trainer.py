@@ -69,9 +69,9 @@ def build_model_from_config(model_cfg: dict, num_classes: int) -> nn.Module:
             **model_cfg["kwargs"],
         )
     except TypeError as e:  # a model.kwargs key the network's builder does not take
-        if "keyword argument" not in str(e):
+        if not any(f"keyword argument '{k}'" in str(e) for k in model_cfg["kwargs"]):
             raise
-        raise ConfigError(f"model.kwargs={model_cfg['kwargs']}: {e}") from None
+        raise ConfigError(f"model.kwargs={model_cfg['kwargs']}: {e}") from e
     set_recompute(model, model_cfg.get("recompute", False))  # a checkpoint's config may predate the key
     return model
 
@@ -89,6 +89,10 @@ def build_for_checkpoint(build: ModelFactory, model_cfg: dict, num_classes: int)
 
 class FinishedRunWarning(UserWarning):
     """A resumed run had already finished: nothing was trained."""
+
+
+class ReplacesRunWarning(UserWarning):
+    """A new run (no resume) writes over the checkpoint of an earlier one in its folder."""
 
 
 def identity(cfg: dict, num_classes: int) -> dict:
@@ -125,12 +129,14 @@ def check_backend(backend: str, device: torch.device) -> None:
     try:
         resolve(backend, device)
     except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"model.backend={backend}: {e}") from None
+        raise ConfigError(
+            f"model.backend={backend} cannot run the cells on the training device ({device}): {e}"
+        ) from None
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # seed + rank may pass numpy's range
     torch.manual_seed(seed)
 
 
@@ -195,14 +201,15 @@ def run(
     # missing or unusable dataset fails here, not after the earlier stages have trained for
     # hours. (The builders draw no random numbers: their seeds are the config's.)
     tasks = [build_task(stage_config(cfg, s), device) for s in range(first, num_stages(cfg))]
-    check_backend(cfg["model"]["backend"], device)
-    if ckpt is None and resume is None and info.is_main and verbose:
+    if cfg["model"]["cell"] is not None:  # a plain network never runs a cell
+        check_backend(cfg["model"]["backend"], device)
+    if ckpt is None and resume is None and info.is_main:
         earlier = find_resume(cfg, "auto")
         if earlier is not None:
             warnings.warn(
                 f"{earlier}: a checkpoint of an earlier run in out={out}; this new run replaces it "
                 "(pass --resume auto to continue that run instead)",
-                UserWarning,
+                ReplacesRunWarning,
                 stacklevel=2,
             )
 
@@ -377,7 +384,7 @@ def train_stage(
     if len(loader) == 0:
         raise ValueError(
             f"{task.name}: the training set ({len(task.train_labels)} images) gives no batch of "
-            f"data.batch_size={cfg['data']['batch_size']} per process (a last batch of one image is "
+            f"{loader.batch_size} images per process (data.batch_size; a last batch of one image is "
             "dropped: BatchNorm cannot train on it); lower data.batch_size or add images"
         )
     if on_ready is not None:
