@@ -41,10 +41,19 @@ def _same_dtype(name: str, t: Tensor, weight: Tensor) -> None:
         )
 
 
-def _int(name: str, v: object, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+def check_int(name: str, v: object, low: int, kind: type = numbers.Integral) -> int:
+    """v as a Python int >= low; kind=int refuses numpy integers (the ops' stride and padding)."""
+    if isinstance(v, bool) or not isinstance(v, kind) or v < low:
         raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    return v
+    return int(v)
+
+
+def output_size(h: int, w: int, k: int, stride: int, padding: int) -> tuple[int, int]:
+    """(Ho, Wo) of a k x k convolution of an h x w input; an error where it has no pixel."""
+    ho, wo = conv_output_size(h, k, stride, padding), conv_output_size(w, k, stride, padding)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x's spatial size {h}x{w} is too small for kernel_size={k} with padding={padding}")
+    return ho, wo
 
 
 def check_recompute(recompute: object) -> None:
@@ -64,8 +73,8 @@ def check_cell_inputs(
 ) -> tuple[int, int, int]:
     """Checks x, weight, bias, c_prev (None: the zero state), stride, padding; returns (Cout, Ho, Wo)."""
     x, weight = _tensor("x", x), _tensor("weight", weight)
-    _int("stride", stride, 1)
-    _int("padding", padding, 0)
+    check_int("stride", stride, 1, int)
+    check_int("padding", padding, 0, int)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, Cin, H, W), got shape {_shape(x)}")
     if not x.is_floating_point():
@@ -96,9 +105,7 @@ def check_cell_inputs(
             )
         _same_device("bias", bias, x)
         _same_dtype("bias", bias, weight)
-    ho, wo = conv_output_size(h, k, stride, padding), conv_output_size(w, k, stride, padding)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"x's spatial size {h}x{w} is too small for kernel_size={k} with padding={padding}")
+    ho, wo = output_size(h, w, k, stride, padding)
     if c_prev is not None:
         check_state("c_prev", c_prev, x, (b, cout, ho, wo))
     return cout, ho, wo
@@ -165,8 +172,8 @@ def check_eval_inputs(
 ) -> None:
     """Checks the prepared parameters of the eval shortcut (ptl_fused.ops.bconv_cell_eval)."""
     x, weight3 = _tensor("x", x), _tensor("weight3", weight3)
-    _int("stride", stride, 1)
-    _int("padding", padding, 0)
+    check_int("stride", stride, 1, int)
+    check_int("padding", padding, 0, int)
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a 4-D (B, Cin, H, W) floating-point tensor, got {x.dtype} {_shape(x)}")
     if (
@@ -183,9 +190,7 @@ def check_eval_inputs(
     if weight3.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"weight3 is {weight3.dtype} but x is {x.dtype}; use one dtype (or autocast)")
     k = weight3.shape[-1]
-    ho, wo = (conv_output_size(n, k, stride, padding) for n in x.shape[-2:])
-    if ho < 1 or wo < 1:
-        raise ValueError(f"x's spatial size {tuple(x.shape[-2:])} is too small for kernel_size={k}")
+    ho, wo = output_size(*x.shape[-2:], k, stride, padding)
     if bias3 is not None:
         if _shape(_tensor("bias3", bias3)) != (weight3.shape[0],):
             raise ValueError(f"bias3 must have shape ({weight3.shape[0]},), got {_shape(bias3)}")

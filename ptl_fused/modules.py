@@ -24,10 +24,10 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from python_ref import STATE_INITS, carry_state, conv_output_size, state_dtype
+from python_ref import STATE_INITS, carry_state, state_dtype
 
 from . import ops
-from ._validate import check_recompute
+from ._validate import check_int, check_recompute, output_size
 from .backends import BACKENDS
 
 
@@ -48,18 +48,17 @@ class _BConvCellBase(nn.Module):
         recompute: bool,
     ) -> None:
         super().__init__()
-        sizes = []
-        for name, v, low in (
-            ("in_channels", in_channels, 1),
-            ("out_channels", out_channels, 1),
-            ("kernel_size", kernel_size, 1),
-            ("stride", stride, 1),
-            ("padding", padding, 0),
-        ):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-            sizes.append(int(v))  # numpy integers too, as nn.Conv2d takes them
-        in_channels, out_channels, kernel_size, stride, padding = sizes
+        # numpy integers too, as nn.Conv2d takes them
+        in_channels, out_channels, kernel_size, stride, padding = (
+            check_int(name, v, low)
+            for name, v, low in (
+                ("in_channels", in_channels, 1),
+                ("out_channels", out_channels, 1),
+                ("kernel_size", kernel_size, 1),
+                ("stride", stride, 1),
+                ("padding", padding, 0),
+            )
+        )
         if state_init not in STATE_INITS:
             raise ValueError(f"state_init must be one of {STATE_INITS}, got {state_init!r}")
         if backend != "auto" and backend not in BACKENDS:
@@ -89,13 +88,8 @@ class _BConvCellBase(nn.Module):
                 f"{type(self).__name__} expects x of shape (B, {self.in_channels}, H, W), "
                 f"got {tuple(x.shape)}"
             )
-        k, s, p = self.kernel_size, self.stride, self.padding
-        ho, wo = (conv_output_size(n, k, s, p) for n in x.shape[-2:])
-        if ho < 1 or wo < 1:  # before a state of that size is made or compared
-            raise ValueError(
-                f"{type(self).__name__}: x's spatial size {x.shape[-2]}x{x.shape[-1]} is too small "
-                f"for kernel_size={k} with padding={p}"
-            )
+        # The ops' size error, before a state of that size is made or compared.
+        ho, wo = output_size(*x.shape[-2:], self.kernel_size, self.stride, self.padding)
         return x.shape[0], self.out_channels, ho, wo
 
     def _previous(self, state: Tensor | None, shape: tuple[int, ...], x: Tensor, name: str) -> Tensor:

@@ -146,7 +146,7 @@ def bconv_cell_v2(
         if not needs_grad(x, weight, bias, weight_rec, bias_rec) or exporting():
             w3, b3, m = v2_eval_params(weight, bias, bias_rec, x.shape[-2:], stride, padding)
             return impl.bconv_cell_eval(x, w3, b3, m, stride, padding), None, None
-        c_prev = h_prev = x.new_zeros((x.shape[0], cout, ho, wo), dtype=state_dtype(x.dtype))
+        c_prev = h_prev = x.new_zeros((x.shape[0], cout, ho, wo), dtype=dtype)
     if impl.name != "reference" and not isinstance(h_alpha, Tensor):
         # The fused ops take a device scalar; torch.full copies no host value (no sync).
         h_alpha = torch.full((), h_alpha, dtype=dtype, device=x.device)

@@ -158,6 +158,10 @@ def test_prepared_eval_op_refuses_a_non_square_kernel_or_mixed_dtypes():
         ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 3, dtype=torch.float64), None, None)
     with pytest.raises(TypeError, match="bias3 is torch.float64 but weight is torch.float32"):
         ops.bconv_cell_eval(x, torch.randn(12, 3, 3, 3), torch.randn(12, dtype=torch.float64), None)
+    with pytest.raises(
+        ValueError, match="x's spatial size 2x2 is too small for kernel_size=3 with padding=0"
+    ):
+        ops.bconv_cell_eval(torch.randn(2, 3, 2, 2), torch.randn(12, 3, 3, 3), None, None)
 
 
 def _cell(v2: bool, backend: str, **kw):

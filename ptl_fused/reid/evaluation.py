@@ -20,14 +20,13 @@ full (num_query, num_gallery) matrix is never built.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from .._validate import few
+from .._validate import check_int, few
 from .features import compute_distance
 
 # A matrix or vector given as a numpy array, a tensor (on any device) or a sequence.
@@ -132,12 +131,6 @@ def _as_ids(a, name: str) -> torch.Tensor:
     return t if t.is_floating_point() else t.long()
 
 
-def _check_counts(**counts: int) -> None:
-    for name, n in counts.items():
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {n!r}")
-
-
 def _check_ids(num_q: int, num_g: int, q_pids, g_pids, q_camids, g_camids, what: str):
     q_pids, g_pids = _as_ids(q_pids, "q_pids"), _as_ids(g_pids, "g_pids")
     q_camids, g_camids = _as_ids(q_camids, "q_camids"), _as_ids(g_camids, "g_camids")
@@ -171,7 +164,8 @@ def evaluate(
     q_pids/q_camids: (num_q,); g_pids/g_camids: (num_g,). protocol "market" or "cuhk03"
     (num_repeats random single-shot galleries, seeded by `seed`; see the module docstring).
     """
-    _check_counts(max_rank=max_rank, chunk_size=chunk_size)
+    check_int("max_rank", max_rank, 1)
+    check_int("chunk_size", chunk_size, 1)
     dist = _as_tensor(distmat, "distmat", 2)
     num_q, num_g = dist.shape
     q_pids, g_pids, q_camids, g_camids = _check_ids(
@@ -207,7 +201,8 @@ def evaluate_features(
     O(chunk * num_g). Same CMC and mAP as building the full matrix (exactly, when the distance
     arithmetic is exact; otherwise up to float rounding of near-ties).
     """
-    _check_counts(max_rank=max_rank, chunk=chunk)
+    check_int("max_rank", max_rank, 1)
+    check_int("chunk", chunk, 1)
     qf, gf = _as_tensor(qf, "qf", 2), _as_tensor(gf, "gf", 2)
     device = torch.device(device) if device is not None else qf.device
     qf, gf = qf.to(device), gf.to(device)

@@ -27,11 +27,11 @@ not float32 (numpy float64, say) are first copied to float32, adding 4 (Q^2 + QG
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from .._validate import check_int
 
 
 def _as_array(a) -> np.ndarray:
@@ -82,9 +82,8 @@ def re_rank(
         )
     if num_q == 0 or num_g == 0:
         raise ValueError(f"re_rank needs at least one query and one gallery image, got {num_q} x {num_g}")
-    for name, k in (("k1", k1), ("k2", k2)):
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {k!r}")
+    check_int("k1", k1, 1)
+    check_int("k2", k2, 1)
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
     # The reference squares the pooled matrix [[q_q, q_g], [q_g^T, g_g]], divides each column by its
