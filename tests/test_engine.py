@@ -3,7 +3,11 @@ checkpoint errors, sequential fine-tuning and STD, with a tiny stand-in network 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 import warnings
 from collections import namedtuple
 from pathlib import Path
@@ -709,6 +713,28 @@ def test_interrupted_write_keeps_the_last_good_checkpoint(trained, monkeypatch):
     assert not list(path.parent.glob(".last.pt.tmp-*")), "the temporary file is cleaned up"
 
 
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_save(tmp_path):
+    from ptl_fused.engine import checkpoint
+
+    dead = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    for d in dead:
+        d.wait()  # their pids name no live process now
+    old = time.time() - 2 * checkpoint.STALE_TEMP_S
+    killed, fresh, live = (
+        tmp_path / f".last.pt.tmp-{pid}" for pid in (dead[0].pid, dead[1].pid, os.getppid())
+    )
+    other = tmp_path / f".other.pt.tmp-{dead[0].pid}"  # another file's
+    for t in (killed, fresh, live, other):
+        t.write_bytes(b"half a checkpoint")
+        if t is not fresh:
+            os.utime(t, (old, old))
+    checkpoint.atomic_save({"x": 1}, tmp_path / "last.pt")
+    assert torch.load(tmp_path / "last.pt") == {"x": 1}
+    assert not killed.exists(), "a dead writer's old temporary file is removed"
+    assert fresh.exists(), "one written a moment ago may be another machine's writer's"
+    assert live.exists() and other.exists()
+
+
 # --- sequential and STD ----------------------------------------------------------------------
 
 
@@ -753,6 +779,19 @@ def test_distillation_loss_matches_hand_computation():
     )
     torch.testing.assert_close(loss, expected)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_distillation_loss_names_a_teacher_that_cannot_take_the_images():
+    loss = DistillationLoss(ClassificationLoss(), TinyNet(3, "v1", in_channels=1), name="the teacher t.pt")
+    y = torch.tensor([0, 2, 1, 1])
+    out = Out(torch.randn(4, 8), (torch.randn(4, 3),), ())
+    with pytest.raises(ValueError, match=r"STD: the teacher t.pt cannot take .* shape \(4, 3, 8, 8\)") as e:
+        loss(out, y, torch.rand(4, 3, 8, 8))
+    assert isinstance(e.value.__cause__, RuntimeError)  # the layer's own message is kept
+    with pytest.raises(
+        ValueError, match=r"student's feature has shape \(4, 6\), the teacher t.pt's \(4, 8\)"
+    ):
+        loss(Out(torch.randn(4, 6), (torch.randn(4, 3),), ()), y, torch.rand(4, 1, 8, 8))
 
 
 def test_std_student_has_no_ptl_modules(tmp_path):

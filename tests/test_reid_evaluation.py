@@ -113,6 +113,22 @@ def test_nan_distances_or_features_are_an_error_not_a_score():
         evaluate_features(qf, gf, **ids, max_rank=3, chunk=3)
 
 
+def test_a_query_row_of_infinities_is_an_error_but_some_infinities_are_a_ranking():
+    dist = np.random.default_rng(0).random((8, 6))
+    ids = dict(q_pids=np.arange(8) % 3, g_pids=np.arange(6) % 3, q_camids=np.zeros(8), g_camids=np.ones(6))
+    dist[3, [0, 1, 2, 4, 5]] = np.inf  # masked out but one: still a ranking, the same as a large value
+    cmc, mAP = evaluate(dist, **ids, max_rank=3)
+    big = np.where(np.isinf(dist), 1e9, dist)
+    np.testing.assert_allclose(cmc, evaluate(big, **ids, max_rank=3)[0])
+    assert mAP == pytest.approx(evaluate(big, **ids, max_rank=3)[1])
+    dist[[3, 6]] = np.inf
+    with pytest.raises(ValueError, match=r"query rows 3, 6 have no finite distance to any gallery image"):
+        evaluate(dist, **ids, max_rank=3)
+    dist[3] = 0.5
+    with pytest.raises(ValueError, match=r"query rows 6 have"):
+        evaluate(dist, **ids, max_rank=3, chunk_size=5)  # in the second chunk, counted from 0
+
+
 # ---------------------------------------------------------------- CUHK03 single-gallery-shot protocol
 def _cuhk03_case():
     # One query (pid 1, cam 0). Gallery by distance: a pid 2, b pid 1 cam 1, c pid 2, d pid 1 cam 1,

@@ -10,8 +10,10 @@ checkpoint is written at an epoch's end, so a resumed run starts its next epoch 
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,33 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    _remove_stale_temps(path)
+
+
+# A temporary file untouched this long, whose writer is not a live process here, was left by a
+# killed run (kill -9, a node lost): the age spares a writer on another machine sharing the folder.
+STALE_TEMP_S = 60.0
+
+
+def _remove_stale_temps(path: Path) -> None:
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        try:
+            if not pid.isdigit() or _alive(int(pid)) or time.time() - tmp.stat().st_mtime < STALE_TEMP_S:
+                continue
+            tmp.unlink()
+        except FileNotFoundError:  # another writer's, renamed or removed meanwhile
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def capture_rng() -> dict:

@@ -31,13 +31,33 @@ class DistillationLoss(nn.Module):
     The teacher is a frozen PTL network in eval mode: it carries no state and gets no gradient.
     """
 
-    def __init__(self, base: nn.Module, teacher: nn.Module, lam: float = 0.8) -> None:
+    def __init__(
+        self, base: nn.Module, teacher: nn.Module, lam: float = 0.8, name: str = "the teacher"
+    ) -> None:
         super().__init__()
-        self.base, self.lam = base, lam
+        self.base, self.lam, self.name = base, lam, name
         self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule of the loss
+        self._ran = False
 
     def forward(self, out, labels: Tensor, images: Tensor) -> Tensor:
         with torch.no_grad():
-            target = self.teacher[0](images).feature.float()
-        l1 = F.l1_loss(out.feature.float(), target)
+            try:
+                target = self.teacher[0](images).feature.float()
+            except (RuntimeError, ValueError) as e:
+                # A teacher trained on other images (channels, size) fails deep inside its first
+                # layer; say that it is the teacher. Later failures (OOM, ...) are not about that.
+                if self._ran or isinstance(e, torch.OutOfMemoryError):
+                    raise
+                raise ValueError(
+                    f"STD: {self.name} cannot take the student's images of shape {tuple(images.shape)} "
+                    f"(was it trained on other data?): {e}"
+                ) from e
+        self._ran = True
+        student = out.feature.float()
+        if student.shape != target.shape:  # l1_loss would broadcast, or only warn
+            raise ValueError(
+                f"STD: the student's feature has shape {tuple(student.shape)}, {self.name}'s "
+                f"{tuple(target.shape)}; they must match"
+            )
+        l1 = F.l1_loss(student, target)
         return (1.0 - self.lam) * self.base(out, labels, images) + self.lam * l1

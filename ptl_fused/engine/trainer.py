@@ -268,7 +268,7 @@ def make_criterion(
         raise ValueError(
             f"STD: teacher {teacher_path} has feature_dim {t_dim}, the student {s_dim}; they must match"
         )
-    return DistillationLoss(base, teacher, cfg["std"]["lam"])
+    return DistillationLoss(base, teacher, cfg["std"]["lam"], name=f"the teacher {teacher_path}")
 
 
 def load_teacher(path: str | Path, build: ModelFactory, device: torch.device) -> nn.Module:

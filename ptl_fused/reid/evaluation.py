@@ -72,6 +72,11 @@ class _RankAccumulator:
         if nan_rows.any():  # NaN sorts last: a diverged model would still get a plausible mAP
             bad = (first_query + torch.nonzero(nan_rows).flatten().cpu()).tolist()
             raise ValueError(f"NaN distances for query rows {few(bad)}: the features are not finite")
+        # A row of infinities is all ties, ranked in gallery order: a made-up result, like NaN's.
+        blind_rows = ~torch.isfinite(dist).any(dim=1) if num_g else nan_rows
+        if blind_rows.any():
+            bad = (first_query + torch.nonzero(blind_rows).flatten().cpu()).tolist()
+            raise ValueError(f"query rows {few(bad)} have no finite distance to any gallery image")
         self.seen += dist.shape[0]
         order = torch.argsort(dist, dim=1, stable=True)
         pids, cams = self.g_pids[order], self.g_camids[order]
