@@ -44,7 +44,9 @@ def _same_dtype(name: str, t: Tensor, weight: Tensor) -> None:
 def check_int(name: str, v: object, low: int, kind: type = numbers.Integral) -> int:
     """v as a Python int >= low; kind=int refuses numpy integers (the ops' stride and padding)."""
     if isinstance(v, bool) or not isinstance(v, kind) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        # The ops' int arguments go through torch.library's schema, which takes Python ints only.
+        what = "a Python int" if isinstance(v, numbers.Integral) and not isinstance(v, kind) else "an int"
+        raise ValueError(f"{name} must be {what} >= {low}, got {v!r} ({type(v).__name__})")
     return int(v)
 
 

@@ -630,6 +630,20 @@ def test_resume_refuses_changed_training_settings_and_may_extend_epochs(trained,
         run(digits_cfg(tmp_path, "optim.epochs=2"), resume="auto", build=tiny_build, verbose=False)
 
 
+def test_resume_may_end_the_run_early(tmp_path, monkeypatch):
+    # Planned for 4 epochs, killed after 2, resumed for 3: the same as a 3-epoch run (StepLR's
+    # schedule does not depend on the total).
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(Interrupt):
+            run(digits_cfg(tmp_path / "a", "optim.epochs=4"), build=tiny_build, verbose=False)
+    ended = run(digits_cfg(tmp_path / "a", "optim.epochs=3"), resume="auto", build=tiny_build, verbose=False)
+    fresh = run(digits_cfg(tmp_path / "b", "optim.epochs=3"), build=tiny_build, verbose=False)
+    assert load_checkpoint(Path(ended["out"]) / "last.pt")["epoch"] == 3
+    wa, wb = (torch.load(Path(r["out"]) / "weights.pt") for r in (ended, fresh))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_resume_refuses_changes_to_a_finished_stage(tmp_path):
     stages = "stages=[{data: {classes: [0,1,2]}}, {data: {classes: [3,4]}}]"
     cfg = digits_cfg(tmp_path, "optim.epochs=1", stages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,7 @@ V1_CASES = [
     (dict(weight=torch.randn(16, 3, 3, 3, device="meta")), ValueError, "weight is on meta but x is on cpu"),
     (dict(stride=0), ValueError, "stride must be an int >= 1, got 0"),
     (dict(padding=-1), ValueError, "padding must be an int >= 0, got -1"),
+    (dict(stride=np.int64(1)), ValueError, r"stride must be a Python int >= 1, got np.int64\(1\) \(int64\)"),
     (
         dict(x=torch.randn(2, 3, 1, 1), padding=0),
         ValueError,

@@ -61,8 +61,8 @@ def test_query_without_valid_match_is_skipped_with_warning():
     assert m_ap == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
-def test_matches_slow_loop_on_random_data(chunk_size):
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_matches_slow_loop_on_random_data(chunk):
     rng = np.random.default_rng(0)
     nq, ng = 23, 61
     q_pids, g_pids = rng.integers(0, 8, nq), rng.integers(-1, 8, ng)
@@ -70,7 +70,7 @@ def test_matches_slow_loop_on_random_data(chunk_size):
     dist = rng.integers(0, 20, (nq, ng)).astype(np.float32)  # many ties: order must be stable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # some random queries have no valid match
-        cmc, m_ap = evaluate(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10, chunk_size=chunk_size)
+        cmc, m_ap = evaluate(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10, chunk=chunk)
     want_cmc, want_ap = _slow_evaluate(dist, q_pids, g_pids, q_cams, g_cams, 10)
     np.testing.assert_allclose(cmc, want_cmc)
     assert m_ap == pytest.approx(want_ap)
@@ -88,7 +88,7 @@ def test_ids_of_any_integer_dtype_and_count_errors():
     dist = np.array([[0.1, 0.5]])
     cmc, mAP = evaluate(dist, np.array([255], np.uint8), np.array([255, 3], np.uint8), [0], [1, 1])
     assert cmc[0] == 1 and mAP == 1
-    for bad in (dict(chunk_size=0), dict(chunk_size=-1), dict(max_rank=3.0)):
+    for bad in (dict(chunk=0), dict(chunk=-1), dict(max_rank=3.0)):
         name = next(iter(bad))
         with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got"):
             evaluate(dist, [1], [1, 3], [0], [1, 1], **bad)
@@ -106,7 +106,7 @@ def test_nan_distances_or_features_are_an_error_not_a_score():
         evaluate(dist, **ids, max_rank=3)
     dist[2, 1] = 0.5
     with pytest.raises(ValueError, match=r"NaN distances for query rows 5:"):
-        evaluate(dist, **ids, max_rank=3, chunk_size=4)  # in the second chunk, counted from 0
+        evaluate(dist, **ids, max_rank=3, chunk=4)  # in the second chunk, counted from 0
     qf, gf = torch.randn(8, 4), torch.randn(6, 4)
     qf[7, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN distances for query rows 7:"):
@@ -126,7 +126,7 @@ def test_a_query_row_of_infinities_is_an_error_but_some_infinities_are_a_ranking
         evaluate(dist, **ids, max_rank=3)
     dist[3] = 0.5
     with pytest.raises(ValueError, match=r"query rows 6 have"):
-        evaluate(dist, **ids, max_rank=3, chunk_size=5)  # in the second chunk, counted from 0
+        evaluate(dist, **ids, max_rank=3, chunk=5)  # in the second chunk, counted from 0
 
 
 # ---------------------------------------------------------------- CUHK03 single-gallery-shot protocol

@@ -230,7 +230,8 @@ def check_resume(ckpt: dict, path: str | Path, cfg: dict) -> None:
             saved = ckpt["config"]
         else:
             continue
-        # A finished stage ran its epochs; the stage under way may be extended (not shortened).
+        # A finished stage ran its epochs; the stage under way may be extended or ended early (not
+        # below the epochs done, checked next).
         keep = ("optim.epochs",) if t < stage else ()
         where = f"stage {t + 1} " if num_stages(cfg) > 1 else ""
         requested = stage_config(cfg, t)

@@ -157,7 +157,7 @@ def evaluate(
     q_camids: Array,
     g_camids: Array,
     max_rank: int = 50,
-    chunk_size: int = 1024,
+    chunk: int = 1024,
     *,
     protocol: str = "market",
     num_repeats: int = 10,
@@ -170,15 +170,15 @@ def evaluate(
     (num_repeats random single-shot galleries, seeded by `seed`; see the module docstring).
     """
     check_int("max_rank", max_rank, 1)
-    check_int("chunk_size", chunk_size, 1)
+    check_int("chunk", chunk, 1)
     dist = _as_tensor(distmat, "distmat", 2)
     num_q, num_g = dist.shape
     q_pids, g_pids, q_camids, g_camids = _check_ids(
         num_q, num_g, q_pids, g_pids, q_camids, g_camids, "distmat"
     )
     acc = _RankAccumulator(g_pids, g_camids, max_rank, protocol, num_repeats, seed, dist.device)
-    for start in range(0, num_q, chunk_size):
-        rows = slice(start, min(start + chunk_size, num_q))
+    for start in range(0, num_q, chunk):
+        rows = slice(start, min(start + chunk, num_q))
         acc.add(dist[rows], q_pids[rows], q_camids[rows], start)
     return acc.result()
 
