@@ -89,6 +89,9 @@ std::vector<int64_t> conv_out_shape(const Tensor& x, const Tensor& weight, int64
 Tensor alpha_on(const Tensor& h_alpha, const Tensor& like) {
   TORCH_CHECK(h_alpha.numel() == 1, "ptl_fused: h_alpha must have one element, got ",
               h_alpha.sizes());
+  // On the state's device, as every other input: a CPU scalar would cost a blocking copy in
+  // each forward and backward, and break CUDA-graph capture.
+  check_device("h_alpha", h_alpha, like, "c_prev");
   return h_alpha.to(like.device(), like.scalar_type()).reshape({1});
 }
 
@@ -237,10 +240,26 @@ std::tuple<Tensor, Tensor, Tensor> run_bwd_epilogue(BwdEpilogue epilogue, const 
   auto in = [&](const OptTensor& t, at::ScalarType dtype) {
     return t.has_value() && t->defined() ? t->to(dtype).contiguous(fmt) : Tensor();
   };
+  // The kernel indexes every tensor by c_prev's element count and the gates' layout: a shape
+  // that disagrees would read and write past the ends of the buffers.
+  TORCH_CHECK(gates.dim() == 4 && gates.size(1) % 4 == 0 && at::isFloatingType(gates.scalar_type()),
+              "ptl_fused: gates must be a floating (B, 4*Cout, Ho, Wo) tensor, got ",
+              gates.scalar_type(), " ", gates.sizes());
+  const std::vector<int64_t> shape = {gates.size(0), gates.size(1) / 4, gates.size(2),
+                                      gates.size(3)};
+  TORCH_CHECK(c_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: c_prev must be ",
+              at::IntArrayRef(shape), " for gates of shape ", gates.sizes(), ", got ",
+              c_prev.sizes());
+  TORCH_CHECK(c_prev.scalar_type() == state_type(gates.scalar_type()), "ptl_fused: c_prev must be ",
+              state_type(gates.scalar_type()), ", got ", c_prev.scalar_type());
   check_device("c_prev", c_prev, gates, "gates");
   for (const auto& [name, t] :
-       {std::pair{"grad_y", &grad_y}, {"grad_c_new", &grad_c_new}, {"grad_h_new", &grad_h_new}})
-    if (t->has_value()) check_device(name, **t, gates, "gates");
+       {std::pair{"grad_y", &grad_y}, {"grad_c_new", &grad_c_new}, {"grad_h_new", &grad_h_new}}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    check_device(name, **t, gates, "gates");
+    TORCH_CHECK((*t)->sizes() == at::IntArrayRef(shape), "ptl_fused: ", name, " must be ",
+                at::IntArrayRef(shape), ", got ", (*t)->sizes());
+  }
   BwdEpilogueArgs a;
   a.channels_last = cl;
   a.gates = gates.contiguous(fmt);

@@ -208,7 +208,48 @@ def test_raw_op_with_an_unsupported_dtype_is_refused():
     # and the CPU kernel's own check names the dtype.
     gates = torch.zeros(1, 8, 2, 2, dtype=torch.float8_e4m3fn)
     with pytest.raises(RuntimeError, match="unsupported dtype Float8_e4m3fn"):
-        torch.ops.ptl_fused.bconv_cell_bwd(gates.clone(), None, torch.zeros(1, 2, 2, 2), gates)
+        torch.ops.ptl_fused.bconv_cell_bwd(torch.zeros(1, 2, 2, 2), None, torch.zeros(1, 2, 2, 2), gates)
+
+
+def _raw_bwd_args(device="cpu"):
+    c_prev = torch.rand(2, 3, 4, 5, device=device)
+    gates = torch.rand(2, 12, 4, 5, device=device)
+    grads = [torch.rand(2, 3, 4, 5, device=device) for _ in range(3)]
+    return grads, c_prev, gates
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("c_prev", r"c_prev must be \[2, 3, 4, 5\] for gates of shape \[2, 12, 4, 5\], got \[2, 3, 4, 4\]"),
+        ("grad_y", r"grad_y must be \[2, 3, 4, 5\], got \[2, 3, 4, 4\]"),
+        ("grad_c_new", r"grad_c_new must be \[2, 3, 4, 5\], got \[2, 3, 4, 4\]"),
+        ("grad_h_new", r"grad_h_new must be \[2, 3, 4, 5\], got \[2, 3, 4, 4\]"),
+        ("gates", r"gates must be a floating \(B, 4\*Cout, Ho, Wo\) tensor, got Float \[2, 10, 4, 5\]"),
+        ("c_prev dtype", r"c_prev must be Float, got Double"),
+    ],
+)
+def test_raw_backward_op_refuses_inconsistent_shapes(v2, bad, message):
+    # The kernel sizes its loops by c_prev and indexes the gradients alike: a mismatched shape
+    # wrote past the end of grad_z and corrupted the heap (the process died in free()).
+    if bad == "grad_h_new" and not v2:
+        pytest.skip("v1 has no hidden state")
+    (gy, gc, gh), c_prev, gates = _raw_bwd_args()
+    args = dict(grad_y=gy, grad_c_new=gc, grad_h_new=gh, c_prev=c_prev, gates=gates)
+    if bad == "gates":
+        args["gates"] = gates[:, :10].contiguous()
+    elif bad == "c_prev dtype":
+        args["c_prev"] = c_prev.double()
+    else:
+        args[bad] = args[bad][..., :4].contiguous()
+    alpha = torch.tensor(0.5)
+    with pytest.raises(RuntimeError, match=message):
+        if v2:
+            torch.ops.ptl_fused.bconv_cell_v2_bwd(*args.values(), alpha)
+        else:
+            del args["grad_h_new"]
+            torch.ops.ptl_fused.bconv_cell_bwd(*args.values())
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

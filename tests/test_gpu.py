@@ -240,7 +240,7 @@ def test_engine_trains_with_amp_on_the_gpu(tmp_path, amp):
 
 
 @pytest.mark.parametrize("fused_gemm", [False, True], ids=["cudnn", "igemm"])
-@pytest.mark.parametrize("name", ["weight", "bias", "c_prev", "weight_rec", "bias_rec", "h_prev"])
+@pytest.mark.parametrize("name", ["weight", "bias", "c_prev", "weight_rec", "bias_rec", "h_prev", "h_alpha"])
 def test_raw_ops_refuse_a_cpu_tensor_beside_a_cuda_x(name, fused_gemm):
     # The fused kernel reads every argument through a raw pointer: a CPU one must be an error
     # naming it, not an illegal address (ptl_fused.ops checks first; this is the raw op).
@@ -255,14 +255,15 @@ def test_raw_ops_refuse_a_cpu_tensor_beside_a_cuda_x(name, fused_gemm):
         "bias_rec": torch.randn(4, **dev),
         "c_prev": torch.zeros(2, 4, 7, 5, **dev),
         "h_prev": torch.zeros(2, 4, 7, 5, **dev),
+        "h_alpha": torch.ones(1, **dev),  # a CPU one would be a blocking copy, and break graph capture
     }
     a[name] = a[name].cpu()
-    alpha = torch.ones(1, **dev)
-    with pytest.raises(RuntimeError, match=f"{name} is on cpu, x on cuda"):
-        torch.ops.ptl_fused.bconv_cell_v2_fwd(
-            a["x"], a["weight"], a["bias"], a["weight_rec"], a["bias_rec"], a["c_prev"], a["h_prev"], alpha,
-            1, 1, fused_gemm,
-        )  # fmt: skip
+    with pytest.raises(RuntimeError, match=rf"{name} is on cpu, (x|c_prev) on cuda"):
+        torch.ops.ptl_fused.bconv_cell_v2_fwd(*a.values(), 1, 1, fused_gemm)
+    if name in ("c_prev", "h_alpha"):  # the backward's inputs
+        gates, grad = torch.rand(2, 16, 7, 5, **dev), torch.rand(2, 4, 7, 5, **dev)
+        with pytest.raises(RuntimeError, match=rf"{name} is on cpu, (gates|c_prev) on cuda"):
+            torch.ops.ptl_fused.bconv_cell_v2_bwd(grad, grad, grad, a["c_prev"], gates, a["h_alpha"])
 
 
 @pytest.mark.parametrize("h", [2, 1])
