@@ -37,12 +37,14 @@ def _always() -> None:
 
 def _checkpointed(cell: Callable) -> Callable:
     """The reference's recompute: python_ref's cells are pure functions, so torch's own
-    activation checkpointing keeps their inputs alone and runs them again in backward."""
+    activation checkpointing keeps their inputs alone and runs them again in backward. They
+    draw no random numbers, so no RNG state is saved: reading the CUDA generator's is an
+    error under CUDA-graph capture."""
 
     def run(*args, recompute: bool = False):
         if not recompute:
             return cell(*args)
-        return torch.utils.checkpoint.checkpoint(cell, *args, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(cell, *args, use_reentrant=False, preserve_rng_state=False)
 
     return run
 

@@ -63,6 +63,25 @@ def test_recomputing_gives_the_saving_paths_values_bit_for_bit(backend, device, 
         assert torch.equal(g, recomputing[1][name]), f"d{name}"
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_reference_recompute_reads_no_rng_state(monkeypatch, v2):
+    # torch.utils.checkpoint saves and restores the RNG states by default; reading the CUDA
+    # generator's is an error under CUDA-graph capture, and python_ref draws no random numbers.
+    def refuse():
+        raise AssertionError("an RNG state was read")
+
+    monkeypatch.setattr(torch, "get_rng_state", refuse)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", refuse)
+    case = CASES[3]
+    master = make_inputs(case, v2)
+    saving = forward_backward("reference", cast_inputs(master, torch.float32, "cpu"), case, v2)
+    recomputing = forward_backward(
+        "reference", cast_inputs(master, torch.float32, "cpu"), case, v2, recompute=True
+    )
+    for name, g in saving[1].items():
+        assert torch.equal(g, recomputing[1][name]), f"d{name}"
+
+
 def _kept_for_backward(run) -> dict[int, int]:
     """data_ptr -> bytes of every storage autograd saves during run()."""
     kept: dict[int, int] = {}

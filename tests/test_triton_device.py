@@ -18,10 +18,11 @@ from ptl_fused import ops
 from ptl_fused.backends import BACKENDS
 
 triton_why = BACKENDS["triton"].unavailable()
-pytestmark = pytest.mark.skipif(triton_why is not None, reason=f"Triton: {triton_why}")
-
 KERNELS = ("bconv_cell_fwd_kernel", "recovery_kernel", "bconv_cell_bwd_kernel")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels there, else the interpreter
+pytestmark = [pytest.mark.skipif(triton_why is not None, reason=f"Triton: {triton_why}")]
+if DEVICE == "cuda":  # real launches: part of the GPU run's `-m gpu` selection
+    pytestmark.append(pytest.mark.gpu)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
