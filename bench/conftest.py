@@ -178,7 +178,9 @@ def dtype(request):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order: each row's implementations side by side, block after block, compile rows last.
+    """Order: each row's implementations side by side, block after block, the whole-network
+    rows first (a few rows, and the only ones of their kind: a time box that ends the run early
+    cuts per-shape cell rows instead), compile rows last.
 
     torch.compile'd CPU kernels leave their OpenMP workers spinning after each call, which
     measurably slows whatever runs next on a small machine (cifar v1 fwd: cpu backend 1.32x
@@ -197,6 +199,7 @@ def pytest_collection_modifyitems(config, items):
     def key(item):
         p = params(item)
         row = (item.originalname, *((k, str(v)) for k, v in p.items() if k not in ("impl", "repeat")))
-        return p.get("impl") == "compile", rows.setdefault(row, len(rows)), p.get("repeat", 0)
+        not_network = item.originalname != "test_network_step"
+        return p.get("impl") == "compile", not_network, rows.setdefault(row, len(rows)), p.get("repeat", 0)
 
     items.sort(key=key)  # stable: the implementations keep their order within a block
