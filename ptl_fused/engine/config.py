@@ -124,8 +124,9 @@ PATHS = ("out", "data.root", "model.pretrained", "std.teacher")
 STAGE_SECTIONS = ("data", "optim", "loss", "std", "eval")
 # What may differ from the checkpoint's config when a run is resumed (a key, or a section and
 # everything under it): where the files are, how the run is watched and evaluated, the device,
-# and optim.epochs of the stage being resumed (to extend it or end it early). Every other setting shapes the
-# training itself, so a resumed run must have the checkpoint's (see checkpoint.check_resume).
+# and optim.epochs of the stage being resumed (to extend it or end it early). Every other
+# setting shapes the training itself, so a resumed run must have the checkpoint's (see
+# checkpoint.check_resume).
 RESUME_MAY_CHANGE = (
     "name",
     "out",
