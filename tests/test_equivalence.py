@@ -90,12 +90,13 @@ def test_channels_last_whole_channel_groups(backend, device, dtype, case, v2):
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
 def test_channels_last_in_channels_last_out(backend, device, v2):
+    # (The reference returns whatever layout PyTorch's own ops give.)
     case = CASES[0]
     args = to_channels_last(cast_inputs(make_inputs(case, v2), torch.float32, device))
     for out in call(backend, args, case, v2):
-        assert out.is_contiguous(memory_format=torch.channels_last) or backend == "reference"
+        assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def _x_channels_last(args):

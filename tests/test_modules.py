@@ -382,7 +382,9 @@ def test_a_training_cell_under_a_torch_func_transform_is_a_clear_error(v2, trans
 
 def test_running_mean_count_survives_a_failed_call_and_to_empty():
     cell = BConvCellV2(2, 2, 1)
-    with pytest.raises(TypeError):  # x in another dtype than the weights: nothing may advance
+    with pytest.raises(
+        TypeError, match="weight is torch.float32 but x is torch.float64"
+    ):  # nothing may advance
         cell(torch.randn(1, 2, 3, 3, dtype=torch.float64))
     assert int(cell.num_batches) == 0
     with torch.device("meta"):

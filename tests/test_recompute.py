@@ -97,6 +97,20 @@ def _kept_for_backward(run) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("backend,device", backend_params(device_types=("cpu",)))
+def test_a_recomputing_module_keeps_no_gates(backend, device, v2):
+    # The modules' recompute flag reaches the op: autograd then keeps at least the fp32 gates
+    # (B, 4·Cout, Ho, Wo) less. (The values alone cannot tell: on the CPU they are the same.)
+    x = torch.randn(2, 8, 9, 7, requires_grad=True)
+    kept = {}
+    for recompute in (False, True):
+        cls = ptl_fused.BConvCellV2 if v2 else ptl_fused.BConvCell
+        cell = cls(8, 8, padding=1, backend=backend, recompute=recompute)
+        kept[recompute] = sum(_kept_for_backward(lambda c=cell: c(x)).values())
+    assert kept[False] - kept[True] >= 2 * 4 * 8 * 9 * 7 * 4, kept
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_recomputing_keeps_only_the_inputs(backend, device, v2):
     case = CASES[0]
