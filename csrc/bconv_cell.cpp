@@ -41,6 +41,11 @@ void check_cell_inputs(const Tensor& x, const Tensor& weight, const OptTensor& b
   check_device("c_prev", c_prev, x);
 }
 
+// (B, Cout, Ho, Wo) of the states and y for gates of shape (B, 4·Cout, Ho, Wo).
+std::vector<int64_t> state_shape(at::IntArrayRef gate_shape) {
+  return {gate_shape[0], gate_shape[1] / 4, gate_shape[2], gate_shape[3]};
+}
+
 // Allocates the outputs in layout `fmt` for gates of shape `gate_shape` (B, 4C, Ho, Wo);
 // run_fwd then runs the epilogue, which overwrites the pre-activations in z with the
 // activated gates, or the fused kernel, which writes the gates into z (either only where
@@ -48,8 +53,7 @@ void check_cell_inputs(const Tensor& x, const Tensor& weight, const OptTensor& b
 FwdEpilogueArgs fwd_outputs(at::IntArrayRef gate_shape, const at::TensorOptions& options,
                             const Tensor& c_prev, const Tensor& h_prev, const Tensor& h_alpha,
                             c10::MemoryFormat fmt) {
-  const std::vector<int64_t> shape = {gate_shape[0], gate_shape[1] / 4, gate_shape[2],
-                                      gate_shape[3]};
+  const auto shape = state_shape(gate_shape);
   TORCH_CHECK(c_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: c_prev must be ",
               at::IntArrayRef(shape), ", got ", c_prev.sizes());
   FwdEpilogueArgs a;
@@ -245,8 +249,7 @@ std::tuple<Tensor, Tensor, Tensor> run_bwd_epilogue(BwdEpilogue epilogue, const 
   TORCH_CHECK(gates.dim() == 4 && gates.size(1) % 4 == 0 && at::isFloatingType(gates.scalar_type()),
               "ptl_fused: gates must be a floating (B, 4*Cout, Ho, Wo) tensor, got ",
               gates.scalar_type(), " ", gates.sizes());
-  const std::vector<int64_t> shape = {gates.size(0), gates.size(1) / 4, gates.size(2),
-                                      gates.size(3)};
+  const auto shape = state_shape(gates.sizes());
   TORCH_CHECK(c_prev.sizes() == at::IntArrayRef(shape), "ptl_fused: c_prev must be ",
               at::IntArrayRef(shape), " for gates of shape ", gates.sizes(), ", got ",
               c_prev.sizes());
