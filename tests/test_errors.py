@@ -211,10 +211,10 @@ def test_raw_op_with_an_unsupported_dtype_is_refused():
         torch.ops.ptl_fused.bconv_cell_bwd(torch.zeros(1, 2, 2, 2), None, torch.zeros(1, 2, 2, 2), gates)
 
 
-def _raw_bwd_args(device="cpu"):
-    c_prev = torch.rand(2, 3, 4, 5, device=device)
-    gates = torch.rand(2, 12, 4, 5, device=device)
-    grads = [torch.rand(2, 3, 4, 5, device=device) for _ in range(3)]
+def _raw_bwd_args():
+    c_prev = torch.rand(2, 3, 4, 5)
+    gates = torch.rand(2, 12, 4, 5)
+    grads = [torch.rand(2, 3, 4, 5) for _ in range(3)]
     return grads, c_prev, gates
 
 
